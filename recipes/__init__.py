@@ -1,0 +1,1 @@
+"""edgesmith.recipes"""
