@@ -1,0 +1,134 @@
+"""Model I/O: resolving specs, describing models, refusing unsupported input, never touching the
+network, and a faithful tokenizer for the embedded default (checked against llama.cpp itself)."""
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from edgesmith.errors import EdgesmithError
+from edgesmith.modelio import check_hf_dir, default_gguf, facts, load, load_tokenizer, resolve, width_warnings
+
+WIKI = "lm/wikitext-2-raw/wiki.test.raw"
+
+
+def test_facts_tiny_hf_matches_torch(tiny_factory):
+    d = tiny_factory("odd", hidden=96, intermediate=176, heads=3, kv_heads=1, layers=3, tie=False)
+    fx = facts(d)
+    model, _ = load(d)
+    assert fx.params_total == sum(p.numel() for p in model.parameters())
+    assert fx.params_non_embedding == fx.params_total - 2 * 49152 * 96
+    assert (fx.num_layers, fx.hidden_size, fx.intermediate_size, fx.num_attention_heads, fx.num_key_value_heads, fx.head_dim) == (3, 96, 176, 3, 1, 32)
+    assert not fx.tied_embeddings and fx.chat_template and fx.eos_tokens == ["<|im_end|> (2)"]
+    assert fx.widths[96]["mult32"] and not fx.widths[96]["mult256"] and not fx.widths[176]["mult32"]
+    assert any("176" in w and "multiple of 32" in w for w in width_warnings(fx))
+
+
+def test_info_default_facts():
+    """The acceptance numbers of `edgesmith info default` (read from the GGUF, no weights loaded)."""
+    r = subprocess.run([sys.executable, "-m", "edgesmith", "info", "default", "--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert round(d["params_total"] / 1e6, 1) == 134.5
+    assert (d["num_layers"], d["hidden_size"], d["intermediate_size"], d["num_attention_heads"], d["num_key_value_heads"], d["head_dim"], d["vocab_size"]) == (30, 576, 1536, 9, 3, 64, 49152)
+    assert d["tied_embeddings"] and d["chat_template"] and d["eos_tokens"] == ["<|im_end|> (2)"]
+    assert d["widths"]["576"]["mult256"] is False and d["widths"]["1536"]["mult256"] is True
+    assert any("576" in w and "256" in w for w in d["warnings"])
+    text = subprocess.run([sys.executable, "-m", "edgesmith", "info", "default"], capture_output=True, text=True, timeout=300).stdout
+    assert "134.5M" in text and "9 / 3" in text and "warning: width 576" in text
+
+
+def test_unsupported_and_broken_dirs(tmp_path, tiny_llama):
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(EdgesmithError, match=r"model_type 'gpt2' is not supported; supported: Llama / SmolLM \(llama\), Mistral"):
+        resolve(gpt2)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(EdgesmithError, match="config.json missing"):
+        resolve(empty)
+    (tiny_llama / "model.safetensors").rename(tmp_path / "w.safetensors")
+    with pytest.raises(EdgesmithError, match="no weights found"):
+        check_hf_dir(tiny_llama)
+    with pytest.raises(EdgesmithError, match="no such model"):
+        resolve(tmp_path / "missing")
+
+
+def test_corrupt_weights_one_line_error(tiny_llama):
+    w = tiny_llama / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    with pytest.raises(EdgesmithError, match="cannot load model"):
+        load(tiny_llama)
+
+
+def test_no_network_is_attempted(tiny_llama, monkeypatch):
+    """Loading never opens a socket: every connect attempt would raise here."""
+    calls = []
+
+    def deny(self, *a, **k):
+        calls.append(a)
+        raise OSError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", deny)
+    monkeypatch.setattr(socket.socket, "connect_ex", deny)
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: deny(None, *a))
+    model, tok = load(tiny_llama)
+    assert tok("hello").input_ids and model.config.model_type == "llama"
+    assert calls == []
+
+
+@pytest.mark.slow
+def test_default_materialised_faithfully(default_hf):
+    files = {p.name for p in default_hf.iterdir()}
+    assert "tokenizer.model" not in files and {"model.safetensors", "tokenizer.json", "generation_config.json"} <= files
+    tj = json.loads((default_hf / "tokenizer.json").read_text())
+    assert tj["model"]["type"] == "BPE" and tj["decoder"]["type"] == "ByteLevel"
+    assert [p["type"] for p in tj["pre_tokenizer"]["pretokenizers"]] == ["Digits", "ByteLevel"]
+    gen = json.loads((default_hf / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == 2 and gen["bos_token_id"] == 1
+    tok = load_tokenizer("default")
+    assert tok.eos_token == "<|im_end|>" and tok.chat_template
+
+
+@pytest.mark.slow
+def test_tokenizer_matches_llama_cpp(default_hf, shared_data):
+    """HF token ids == llama.cpp's tokenisation of the original GGUF (prose, math, chat with specials)."""
+    import llama_cpp
+
+    tok = load_tokenizer("default")
+    llm = llama_cpp.Llama(str(default_gguf()), vocab_only=True, verbose=False)
+    try:
+        lines = [l for l in (shared_data / WIKI).read_text(encoding="utf-8").split("\n") if l.strip()][:200]
+        chats = [
+            tok.apply_chat_template([{"role": "user", "content": "What is 12*34? Show steps: 12*34 = 408."}], tokenize=False, add_generation_prompt=True),
+            tok.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Héllo 🙂  tabs\tand\nnewlines"},
+                                     {"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "<|im_end|> inside text"}], tokenize=False),
+        ]
+        mismatches = [t for t in lines + chats if tok(t).input_ids != llm.tokenize(t.encode(), add_bos=False, special=True)]
+        assert mismatches == []
+        assert tok(chats[0]).input_ids[0] == 1  # <|im_start|> is one special token
+    finally:
+        llm.close()
+
+
+@pytest.mark.slow
+def test_default_answers_paris(default_hf):
+    import torch
+
+    model, tok = load("default")
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False)
+    new = out[0, ids.shape[1]:].tolist()
+    assert "Paris" in tok.decode(new, skip_special_tokens=True)
+    assert 2 in new  # stopped on <|im_end|>
+
+
+@pytest.mark.slow
+def test_chat_cli_default(default_hf):
+    r = subprocess.run([sys.executable, "-m", "edgesmith", "chat", "default", "--prompt", "What is the capital of France?", "--max-new-tokens", "32"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout and "finish reason" not in r.stderr
