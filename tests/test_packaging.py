@@ -17,8 +17,13 @@ SUBPACKAGES = ["edgesmith", "edgesmith.compress", "edgesmith.distill", "edgesmit
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
+    import shutil
+
     d = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(d), str(REPO)],
+    # build from a copy: an in-tree build/ directory could leak stale files into later wheels
+    src = d / "src"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".venv", ".git", "build", "dist", "out", "*.egg-info", "__pycache__", "*.gguf"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(d), str(src)],
                    check=True, capture_output=True, timeout=600)
     (whl,) = d.glob("edgesmith-*.whl")
     return whl
