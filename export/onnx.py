@@ -1,0 +1,510 @@
+"""ONNX export: an HF Llama-family model -> a decoder with KV cache (optimum-onnx,
+`text-generation-with-past`) that `optimum.onnxruntime.ORTModelForCausalLM` loads, plus optional
+weight quantisation with onnxruntime (int8: dynamic quantisation; int4: `MatMulNBits`).
+
+Also `OnnxLM`, a small text generator over such a directory that needs only onnxruntime, numpy,
+`tokenizers` (and jinja2 for chat templates): what `edgesmith chat` and the device benchmarks use
+where torch is not installed.
+
+Why the tied embedding is untied before quantising: optimum exports `lm_head` as
+`MatMul(x, Transpose(embed_tokens))`, so no quantiser sees a constant lm_head weight, and the
+embedding `Gather` is left in fp32 by default. In SmolLM2-135M the 49152x576 table is 21% of the
+weights, which alone would keep an int4 file above 25% of fp32. We materialise the transpose as
+its own initializer and quantise both the lm_head MatMul and the embedding Gather.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from edgesmith.errors import EdgesmithError
+from edgesmith.fsutil import atomic_dir, check_free_space, dir_size, quick_fingerprint
+
+QUANTS = {None: "onnx-fp32", "int8": "onnx-int8", "int4": "onnx-int4"}
+# the issue's acceptance bar: quantised model file vs the fp32 one
+MAX_SIZE_RATIO = {"int8": 0.40, "int4": 0.25}
+PARITY_PROMPTS = (
+    "The capital of France is",
+    "def fibonacci(n):",
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+)
+PARITY_NEW_TOKENS = 32
+# a fixed short English text for a cheap perplexity figure in every export's checks
+PPL_TEXT = (
+    "The tower is 324 metres tall, about the same height as an 81-storey building, and the tallest "
+    "structure in Paris. Its base is square, measuring 125 metres on each side. During its construction, "
+    "the Eiffel Tower surpassed the Washington Monument to become the tallest man-made structure in the "
+    "world, a title it held for 41 years until the Chrysler Building in New York City was finished in 1930. "
+    "It was the first structure to reach a height of 300 metres. Due to the addition of a broadcasting "
+    "aerial at the top of the tower in 1957, it is now taller than the Chrysler Building by 5.2 metres."
+)
+PROVENANCE = "edgesmith_onnx.json"
+MODEL_FILE = "model.onnx"
+INT4_BLOCK = 32  # MatMulNBits block size: 32 keeps 4-bit error low on 576-wide rows (576 = 18 * 32)
+# 8-bit needs no small blocks: the largest of these dividing the model's widths (MatMulNBits pads a
+# row to a block multiple, so 128 on SmolLM2's 576-wide rows would store 640 columns)
+INT8_BLOCKS = (128, 64, 32, 16)
+
+
+# ---------------------------------------------------------------- export
+
+
+def _source_id(hf_dir: Path) -> dict:
+    """What an fp32 export was made from, so a later quantised export can reuse it safely."""
+    weights = sorted(p for p in hf_dir.iterdir() if p.suffix in (".safetensors", ".bin"))
+    return {"hf_dir": str(hf_dir.resolve()), "weights": {p.name: quick_fingerprint(p) for p in weights}}
+
+
+def _export_fp32(hf_dir: Path, dest: Path) -> None:
+    """optimum-onnx export of a decoder with past key values into `dest` (model.onnx + tokenizer files)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from optimum.exporters.onnx import main_export
+
+    # do_validation=False: our own parity check below (greedy tokens with the KV cache) is stricter
+    main_export(str(hf_dir), str(dest), task="text-generation-with-past", do_validation=False, local_files_only=True)
+    if not (dest / MODEL_FILE).is_file():
+        raise EdgesmithError(f"{hf_dir}: optimum-onnx produced no {MODEL_FILE}")
+    # optimum copies tokenizer.json/config; make sure the chat template travels too
+    for f in ("chat_template.jinja", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (hf_dir / f).is_file() and not (dest / f).exists():
+            shutil.copy(hf_dir / f, dest / f)
+
+
+def _untie_lm_head(model) -> int:
+    """Replace lm_head's `MatMul(x, Transpose(W))` on a constant W by `MatMul(x, W_T)` with W_T a real
+    initializer, so quantisers see (and shrink) it. Returns how many MatMuls were rewritten."""
+    import onnx
+    from onnx import numpy_helper
+
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    done, drop = 0, []
+    for n in list(g.node):
+        if n.op_type != "Transpose" or n.input[0] not in inits:
+            continue
+        users = consumers.get(n.output[0], [])
+        if not users or any(u.op_type != "MatMul" or u.input[1] != n.output[0] for u in users):
+            continue
+        w = numpy_helper.to_array(inits[n.input[0]])  # [vocab, hidden]
+        perm = next((list(a.ints) for a in n.attribute if a.name == "perm"), list(range(w.ndim))[::-1])
+        wt = np.ascontiguousarray(np.transpose(w, perm))  # [hidden, vocab]
+        name = n.input[0] + "_untied_T"
+        g.initializer.append(numpy_helper.from_array(wt, name))
+        for u in users:
+            u.input[1] = name
+        drop.append(n)
+        done += 1
+    for n in drop:
+        g.node.remove(n)
+    onnx.checker.check_model(model) if model.ByteSize() < 2**31 - 2**26 else None
+    return done
+
+
+def _save_onnx(model, path: Path) -> None:
+    import onnx
+
+    big = model.ByteSize() > 2**31 - 2**27  # protobuf's 2 GiB limit: larger models keep weights outside
+    onnx.save_model(model, str(path), save_as_external_data=big, all_tensors_to_one_file=True,
+                    location=path.name + ".data" if big else None)
+
+
+def _quantize(src: Path, dest: Path, quant: str) -> dict:
+    """Quantise src/model.onnx into dest/model.onnx (other files copied). Returns what was done."""
+    import onnx
+
+    for f in src.iterdir():
+        if f.is_file() and f.name != PROVENANCE and not f.name.startswith(MODEL_FILE):
+            shutil.copy(f, dest / f.name)
+    model = onnx.load(str(src / MODEL_FILE))
+    untied = _untie_lm_head(model)
+    if quant == "int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        # MatMuls: weight-only 8-bit (MatMulNBits, activations stay fp32). quantize_dynamic on MatMuls
+        # also quantises activations to uint8: on SmolLM2-135M that took short-text perplexity from 8.69
+        # to 12.9 per-tensor, and its per-channel mode produced garbage (perplexity > 1e6).
+        cfg = json.loads((src / "config.json").read_text())
+        widths = [cfg.get("hidden_size", 0), cfg.get("intermediate_size", 0)]
+        block = next((b for b in INT8_BLOCKS if all(w % b == 0 for w in widths)), INT8_BLOCKS[-1])
+        model = _nbits(model, bits=8, block=block, ops=("MatMul",))
+        # embedding Gather: quantize_dynamic stores the table in int8 and dequantises the gathered rows
+        # (weights only: nothing else to quantise there). It wants files, so go through a temp dir.
+        with tempfile.TemporaryDirectory(dir=dest) as tmp:
+            tmp_model = Path(tmp) / MODEL_FILE
+            _save_onnx(model, tmp_model)
+            del model
+            quantize_dynamic(str(tmp_model), str(dest / MODEL_FILE), weight_type=QuantType.QInt8, per_channel=False,
+                             op_types_to_quantize=["Gather"],
+                             use_external_data_format=tmp_model.stat().st_size > 2**31 - 2**27)
+        return {"untied_lm_head": untied,
+                "method": f"MatMulNBits 8-bit weight-only, block {block} (MatMul); quantize_dynamic QInt8 (embedding Gather)"}
+    if quant == "int4":
+        model = _nbits(model, bits=4, block=INT4_BLOCK, ops=("MatMul", "Gather"))
+        _save_onnx(model, dest / MODEL_FILE)
+        return {"untied_lm_head": untied,
+                "method": f"MatMulNBits 4-bit symmetric, block {INT4_BLOCK} (MatMul); GatherBlockQuantized 4-bit (embedding)"}
+    raise EdgesmithError(f"onnx quant {quant!r}: expected one of int8, int4")
+
+
+def _nbits(model, bits: int, block: int, ops: tuple[str, ...]):
+    """onnxruntime's block-wise weight-only quantiser (MatMul -> MatMulNBits, Gather -> GatherBlockQuantized)."""
+    import logging
+
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.ERROR)
+    cfg = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, accuracy_level=4, bits=bits,
+                                       op_types_to_quantize=ops, quant_axes=(("MatMul", 0), ("Gather", 1)))
+    q = MatMulNBitsQuantizer(model, algo_config=cfg)
+    q.process()
+    return q.model.model
+
+
+def onnx_model_bytes(d: Path) -> int:
+    """Size of the model graph + weights (model.onnx and its external data), without tokenizer files."""
+    return sum(f.stat().st_size for f in Path(d).iterdir() if f.is_file() and f.name.startswith(MODEL_FILE))
+
+
+def _reusable_fp32(hf_dir: Path, out_dir: Path, fp32_dir: Path | None) -> Path | None:
+    cands = [fp32_dir] if fp32_dir else [out_dir.parent / "onnx"]
+    for c in cands:
+        try:
+            prov = json.loads((c / PROVENANCE).read_text())
+        except (OSError, json.JSONDecodeError, TypeError):
+            continue
+        if prov.get("type") == QUANTS[None] and prov.get("source") == _source_id(hf_dir) and (c / MODEL_FILE).is_file():
+            return c
+    if fp32_dir:
+        raise EdgesmithError(f"{fp32_dir}: not an fp32 ONNX export of {hf_dir} (missing or different {PROVENANCE})")
+    return None
+
+
+def export_onnx(hf_dir: Path, out_dir: Path, quant: str | None = None, check: bool = True,
+                fp32_dir: Path | None = None, threads: int | None = None) -> dict:
+    """Export `hf_dir` to ONNX in `out_dir` (atomically) and return its export.json entry.
+
+    quant=None: fp32 with KV cache; "int8"/"int4": quantised from the fp32 export (`fp32_dir`, or a
+    sibling `out_dir/../onnx` made from the same weights, or a fresh one in a temp dir).
+    check=True: fp32 -> greedy parity with HF fp32 (3 prompts x 32 tokens, KV cache in use);
+    int8/int4 -> runs, size ratio vs fp32, perplexity on a short text next to fp32's.
+    """
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    if quant not in QUANTS:
+        raise EdgesmithError(f"onnx quant {quant!r}: expected one of int8, int4 (or none for fp32)")
+    from edgesmith.modelio import check_hf_dir
+
+    check_hf_dir(hf_dir)
+    weights = sum(p.stat().st_size for p in hf_dir.iterdir() if p.suffix in (".safetensors", ".bin"))
+    check_free_space(out_dir.parent if out_dir.parent.exists() else Path.cwd(), 3 * weights, "the ONNX export")
+    t0 = time.perf_counter()
+    checks: dict[str, Any] = {}
+    with atomic_dir(out_dir) as tmp:
+        if quant is None:
+            _export_fp32(hf_dir, tmp)
+            fp32 = tmp
+            if check:
+                checks.update(check_parity(hf_dir, tmp, threads=threads))
+        else:
+            with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".onnx-fp32-") as scratch:
+                fp32 = _reusable_fp32(hf_dir, out_dir, fp32_dir)
+                if fp32 is None:
+                    fp32 = Path(scratch)
+                    _export_fp32(hf_dir, fp32)
+                checks.update(_quantize(fp32, tmp, quant))
+                fp32_bytes, q_bytes = onnx_model_bytes(fp32), onnx_model_bytes(tmp)
+                ratio = q_bytes / fp32_bytes
+                checks.update(size_ratio_vs_fp32=round(ratio, 4), max_size_ratio=MAX_SIZE_RATIO[quant],
+                              size_ratio_ok=ratio < MAX_SIZE_RATIO[quant], fp32_model_bytes=fp32_bytes, model_bytes=q_bytes)
+                if check:
+                    checks.update(check_quantized(tmp, fp32, threads=threads))
+        prov = {"type": QUANTS[quant], "source": _source_id(hf_dir), "edgesmith_checks": checks}
+        (tmp / PROVENANCE).write_text(json.dumps(prov, indent=2) + "\n")
+    checks["seconds"] = round(time.perf_counter() - t0, 1)
+    if quant and not checks["size_ratio_ok"]:
+        print(f"edgesmith export: warning: {out_dir.name}: {quant} model is {checks['size_ratio_vs_fp32']:.1%} of fp32 "
+              f"(target < {MAX_SIZE_RATIO[quant]:.0%})", file=sys.stderr)
+    return {"path": str(out_dir), "type": QUANTS[quant], "size_bytes": dir_size(out_dir), "checks": checks}
+
+
+# ---------------------------------------------------------------- checks
+
+
+def hf_greedy(hf_dir: Path, ids: list[int], n: int) -> list[int]:
+    """Reference: HF fp32 greedy decoding of exactly `n` tokens (no eos stop), using its KV cache."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = _hf_model(hf_dir)
+    out, past = [], None
+    x = torch.tensor([ids])
+    with torch.inference_mode():
+        for _ in range(n):
+            r = model(input_ids=x, past_key_values=past, use_cache=True)
+            past = r.past_key_values
+            nxt = int(r.logits[0, -1].argmax())
+            out.append(nxt)
+            x = torch.tensor([[nxt]])
+    return out
+
+
+_HF_CACHE: dict[str, Any] = {}
+
+
+def _hf_model(hf_dir: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    key = str(Path(hf_dir).resolve())
+    if key not in _HF_CACHE:
+        _HF_CACHE.clear()
+        _HF_CACHE[key] = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    return _HF_CACHE[key]
+
+
+def check_parity(hf_dir: Path, onnx_dir: Path, prompts: Iterable[str] = PARITY_PROMPTS, n: int = PARITY_NEW_TOKENS,
+                 threads: int | None = None) -> dict:
+    """Greedy tokens from the ONNX export (KV cache) vs HF fp32; raises if any prompt differs."""
+    lm = OnnxLM(onnx_dir, threads=threads)
+    results = []
+    for p in prompts:
+        ids = lm.tokenize(p)
+        ref = hf_greedy(hf_dir, ids, n)
+        got = lm.generate(ids, n, eos_ids=())
+        first_diff = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), None)
+        results.append({"prompt_tokens": len(ids), "identical": ref == got, "first_diff": first_diff})
+    _HF_CACHE.clear()
+    ok = all(r["identical"] for r in results)
+    if not ok:
+        raise EdgesmithError(f"{onnx_dir}: ONNX greedy tokens differ from HF fp32 ({results})")
+    ppl = lm.perplexity(lm.tokenize(PPL_TEXT))
+    return {"greedy_parity": f"{len(results)} prompts x {n} tokens identical to HF fp32 (KV cache)",
+            "parity_ok": ok, "perplexity_short_text": round(ppl, 4)}
+
+
+def check_quantized(q_dir: Path, fp32_dir: Path, threads: int | None = None) -> dict:
+    """A quantised export runs (greedy tokens, finite logits); perplexity next to fp32's on a short text."""
+    q, f = OnnxLM(q_dir, threads=threads), OnnxLM(fp32_dir, threads=threads)
+    ids = q.tokenize(PPL_TEXT)
+    lq, lf = q.logits(ids), f.logits(ids)
+    if not np.isfinite(lq).all():
+        raise EdgesmithError(f"{q_dir}: quantised model produced non-finite logits")
+    gen = q.generate(q.tokenize(PARITY_PROMPTS[0]), 8, eos_ids=())
+    return {"runs": len(gen) == 8,
+            "perplexity_short_text": round(_ppl(lq, ids), 4), "fp32_perplexity_short_text": round(_ppl(lf, ids), 4),
+            "top1_agreement_vs_fp32": round(float((lq.argmax(-1) == lf.argmax(-1)).mean()), 4)}
+
+
+def _ppl(logits: np.ndarray, ids: list[int]) -> float:
+    # logits: [T, V] for ids[0..T); predicts ids[1..T)
+    lp = logits[:-1] - _logsumexp(logits[:-1])
+    nll = -lp[np.arange(len(ids) - 1), np.asarray(ids[1:])]
+    return float(np.exp(nll.mean()))
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+    m = x.max(-1, keepdims=True)
+    return m + np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+# ---------------------------------------------------------------- runtime (no torch)
+
+
+class OnnxLM:
+    """Greedy/sampled generation over an ONNX export directory with onnxruntime + tokenizers only.
+
+    lm = OnnxLM("out/onnx"); ids = lm.tokenize("Hello")
+    lm.logits(ids)                       # [len(ids), vocab] float32, one pass, no cache
+    lm.generate(ids, 32)                 # new token ids, KV cache, stops at eos (eos_ids=() never stops)
+    lm.chat(messages, 64, 0.0, stream)   # (text, "stop"|"length") with the model's chat template
+    """
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+        import onnxruntime as ort
+
+        self.dir = Path(path)
+        files = sorted(self.dir.glob("*.onnx"))
+        model = self.dir / MODEL_FILE if (self.dir / MODEL_FILE).is_file() else (files[0] if files else None)
+        if model is None:
+            raise EdgesmithError(f"{self.dir}: no .onnx model in this directory")
+        if not (self.dir / "tokenizer.json").is_file():
+            raise EdgesmithError(f"{self.dir}: tokenizer.json missing (expected an `edgesmith export --onnx` directory)")
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = threads
+        so.log_severity_level = 3
+        try:
+            self.sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - a corrupt/foreign file is a user error
+            raise EdgesmithError(f"{model}: onnxruntime cannot load it ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        self.input_names = [i.name for i in self.sess.get_inputs()]
+        self.output_names = [o.name for o in self.sess.get_outputs()]
+        # past_key_values.{i}.key / .value -> (name, [batch, kv_heads, past, head_dim], dtype)
+        self.past_inputs = [(i.name, i.shape, i.type) for i in self.sess.get_inputs() if i.name.startswith("past_key_values.")]
+        self.present_for = {n: n.replace("past_key_values.", "present.") for n, _, _ in self.past_inputs}
+        missing = [p for p in self.present_for.values() if p not in self.output_names]
+        if missing or "input_ids" not in self.input_names or "logits" not in self.output_names:
+            raise EdgesmithError(f"{model}: not a decoder with KV cache (inputs {self.input_names[:4]}..., outputs {self.output_names[:3]}...)")
+        from tokenizers import Tokenizer
+
+        self.tok = Tokenizer.from_file(str(self.dir / "tokenizer.json"))
+        self.config = _read_json(self.dir / "config.json")
+        self.tok_config = _read_json(self.dir / "tokenizer_config.json")
+        gen = _read_json(self.dir / "generation_config.json")
+        eos = gen.get("eos_token_id", self.config.get("eos_token_id"))
+        self.eos_ids = tuple(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self._float = np.float16 if any("float16" in t for _, _, t in self.past_inputs) else np.float32
+
+    # -- text
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    # -- model
+    def _empty_past(self) -> dict[str, np.ndarray]:
+        out = {}
+        for name, shape, _ in self.past_inputs:
+            dims = [1 if i == 0 else (d if isinstance(d, int) else 0) for i, d in enumerate(shape)]  # past length 0
+            out[name] = np.zeros(dims, dtype=self._float)
+        return out
+
+    def _step(self, ids: list[int], past: dict[str, np.ndarray], start: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        # ids: the new tokens at positions start..start+len(ids); past holds `start` cached positions
+        n = len(ids)
+        feed = {"input_ids": np.asarray([ids], dtype=np.int64)}
+        if "attention_mask" in self.input_names:
+            feed["attention_mask"] = np.ones((1, start + n), dtype=np.int64)
+        if "position_ids" in self.input_names:
+            feed["position_ids"] = np.arange(start, start + n, dtype=np.int64)[None]
+        feed.update(past)
+        outs = self.sess.run(None, feed)
+        by_name = dict(zip(self.output_names, outs))
+        new_past = {p: by_name[o] for p, o in self.present_for.items()}
+        return by_name["logits"][0], new_past  # logits: [n, vocab]
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        """Next-token logits at every position of `ids`: [len(ids), vocab] (one pass, empty cache)."""
+        if not ids:
+            raise EdgesmithError("logits: empty token list")
+        lg, _ = self._step(list(ids), self._empty_past(), 0)
+        return lg.astype(np.float32)
+
+    def perplexity(self, ids: list[int]) -> float:
+        return _ppl(self.logits(ids), list(ids))
+
+    def generate(self, ids: list[int], max_new_tokens: int, eos_ids: Iterable[int] | None = None,
+                 temperature: float = 0.0, top_p: float = 0.95, seed: int = 0,
+                 on_token: Callable[[int], None] | None = None) -> list[int]:
+        """New token ids after `ids` (prefill once, then one token per step through the KV cache).
+        Stops after an eos id (included in the result); eos_ids=None -> the model's, () -> never."""
+        eos = set(self.eos_ids if eos_ids is None else eos_ids)
+        rng = np.random.default_rng(seed)
+        logits, past = self._step(list(ids), self._empty_past(), 0)
+        pos, out = len(ids), []
+        for _ in range(max_new_tokens):
+            nxt = _pick(logits[-1].astype(np.float64), temperature, top_p, rng)
+            out.append(nxt)
+            if on_token:
+                on_token(nxt)
+            if nxt in eos or len(out) == max_new_tokens:
+                break
+            logits, past = self._step([nxt], past, pos)
+            pos += 1
+        return out
+
+    # -- chat
+    def chat_template(self) -> str:
+        f = self.dir / "chat_template.jinja"
+        tpl = f.read_text(encoding="utf-8") if f.is_file() else self.tok_config.get("chat_template")
+        if isinstance(tpl, list):  # named templates: take the default one
+            tpl = next((t["template"] for t in tpl if t.get("name") == "default"), None)
+        if not tpl:
+            raise EdgesmithError(f"{self.dir}: no chat template (chat_template.jinja or tokenizer_config.json)")
+        return tpl
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, tools=None) -> str:
+        """The prompt text transformers' apply_chat_template(tokenize=False) would give."""
+        return render_chat_template(self.chat_template(), messages, add_generation_prompt=add_generation_prompt,
+                                    tools=tools, special=self.tok_config)
+
+    def chat(self, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0, stream=None) -> tuple[str, str]:
+        """Answer the conversation; stream decoded text to `stream` (a file) as it comes. -> (text, finish)."""
+        prompt = self.apply_chat_template(messages)
+        ids = self.tokenize(prompt, add_special_tokens=False)  # the template already has bos etc.
+        new: list[int] = []
+        shown = ""
+
+        def emit(tok: int) -> None:
+            nonlocal shown
+            new.append(tok)
+            text = self.decode([t for t in new if t not in self.eos_ids])
+            if stream is not None and not text.endswith("\ufffd") and len(text) > len(shown):  # hold half UTF-8 chars
+                stream.write(text[len(shown):])
+                stream.flush()
+                shown = text
+
+        self.generate(ids, max_new_tokens, temperature=temperature, on_token=emit)
+        finish = "stop" if new and new[-1] in self.eos_ids else "length"
+        return self.decode([t for t in new if t not in self.eos_ids]), finish
+
+
+def _pick(logits: np.ndarray, temperature: float, top_p: float, rng) -> int:
+    if temperature <= 0:
+        return int(logits.argmax())
+    p = np.exp((logits - logits.max()) / temperature)
+    p /= p.sum()
+    order = np.argsort(-p)
+    keep = order[: int(np.searchsorted(np.cumsum(p[order]), top_p)) + 1]
+    return int(rng.choice(keep, p=p[keep] / p[keep].sum()))
+
+
+def _read_json(p: Path) -> dict:
+    try:
+        return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EdgesmithError(f"{p}: invalid JSON ({e})") from None
+
+
+def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool = True, tools=None,
+                         special: dict | None = None, **extra) -> str:
+    """Render a Hugging Face Jinja chat template the way transformers does (same environment and
+    helpers), with jinja2 only (it ships with llama-cpp-python, so device installs have it)."""
+    try:
+        import jinja2
+        from jinja2.ext import loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise EdgesmithError("chat templates need jinja2: pip install jinja2") from None
+    from datetime import datetime
+
+    def raise_exception(msg):
+        raise EdgesmithError(f"chat template: {msg}")
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f))
+    kw = {}
+    for k, v in (special or {}).items():  # bos_token, eos_token, ... as plain strings
+        if k.endswith("_token") and isinstance(v, (str, dict)):
+            kw[k] = v["content"] if isinstance(v, dict) else v
+    try:
+        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                tools=tools, **kw, **extra)
+    except jinja2.TemplateError as e:
+        raise EdgesmithError(f"chat template: {e}") from None
