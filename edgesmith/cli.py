@@ -17,6 +17,7 @@ COMMANDS = {
     "info": "edgesmith.info",
     "data": "edgesmith.data",
     "chat": "edgesmith.chat",
+    "prune": "edgesmith.compress.cli",
 }
 
 

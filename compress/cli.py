@@ -1,0 +1,61 @@
+"""`edgesmith prune MODEL --out DIR [--recipe FILE] [flags]`: structured pruning to a plain HF model.
+
+Precedence: recipe file < flags < --set key=value. Every PruneConfig field is a flag
+(`--intermediate-size 1024`, `--mlp-ratio 0.33`, `--target-params 90M`, ...).
+"""
+from __future__ import annotations
+
+import argparse
+
+from edgesmith.config import add_dataclass_args, apply_overrides, args_to_overrides, from_dict, load_yaml
+from edgesmith.errors import ConfigError, EdgesmithError
+
+from .importance import IMPORTANCE, LAYER_IMPORTANCE
+from .prune import PruneConfig
+
+# flags added by hand: positional/--out, registries (argparse choices), and --sparsity, whose
+# "2:4" YAML would read as the base-60 integer 124
+CUSTOM = ("model", "out", "importance", "layer_importance", "sparsity")
+
+
+def config_from_args(args) -> PruneConfig:
+    data = load_yaml(args.recipe) if args.recipe else {}
+    if args.model is not None:
+        data["model"] = args.model
+    if args.out is not None:
+        data["out"] = args.out
+    data.update(args_to_overrides(args, PruneConfig, skip=CUSTOM))
+    for name in ("importance", "layer_importance", "sparsity"):
+        if getattr(args, name) is not None:
+            data[name] = getattr(args, name)
+    data = apply_overrides(data, args.set)
+    try:
+        return from_dict(PruneConfig, data)
+    except ConfigError as e:
+        raise EdgesmithError(f"{args.recipe}: {e}" if args.recipe else str(e)) from None
+
+
+def cmd_prune(args) -> int:
+    from .prune import run
+
+    run(config_from_args(args))
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "prune", help="structured pruning (MLP channels, heads, hidden, layers) to a smaller HF model",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", nargs="?", default=None, help="HF model directory, .gguf file, or 'default' (default: from the recipe, else 'default')")
+    p.add_argument("--out", default=None, help="output directory (default: from the recipe, else out/prune)")
+    p.add_argument("--recipe", default=None, help="YAML file of prune settings (e.g. recipes/prune-default.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting (repeatable)")
+    p.add_argument("--importance", choices=list(IMPORTANCE), default=None,
+                   help="how MLP channels, heads and hidden channels are ranked (default: magnitude)")
+    p.add_argument("--layer-importance", dest="layer_importance", choices=list(LAYER_IMPORTANCE), default=None,
+                   help="how layers are ranked for dropping (default: block-influence)")
+    p.add_argument("--sparsity", default=None, metavar="P|N:M",
+                   help="then zero weights by magnitude: a fraction like 0.5, or 2:4 (files and CPU speed do not change)")
+    add_dataclass_args(p, PruneConfig, skip=CUSTOM)
+    p.set_defaults(func=cmd_prune)
