@@ -1,0 +1,355 @@
+"""Three ways to run a model, one small interface, so every score and timing is computed by the same
+code in `bench/harness.py`:
+
+    lm = open_lm(path, threads)          # "hf" (torch), "gguf" (llama.cpp low-level API), "onnx" (onnxruntime)
+    lm.encode(text) -> [ids]             # no special tokens; the artifact's own tokenizer
+    lm.add_bos, lm.bos_id, lm.eos_ids, lm.n_vocab
+    lm.logits(ids, first) -> [len(ids) - first, n_vocab] float32   # one forward pass, fresh state
+    lm.prefill(ids) -> next id           # fresh state, whole prompt in one batch, greedy next token
+    lm.step(id) -> next id               # one token on top of the current state (decode)
+    lm.close()
+
+The gguf and onnx backends import numpy, llama_cpp / onnxruntime and `tokenizers` only: they run on
+an `edgesmith[device]` install without torch or transformers.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from edgesmith.errors import EdgesmithError
+
+
+def kind_of(path: Path) -> str:
+    """'gguf' | 'onnx' | 'hf' for an artifact path (bad paths get a one-line error)."""
+    from edgesmith.modelio import is_gguf_file
+
+    if path.is_file():
+        if is_gguf_file(path):
+            return "gguf"
+        raise EdgesmithError(f"{path}: not a GGUF file (bad magic); expected a .gguf, an HF dir or an ONNX dir")
+    if path.is_dir():
+        if any(path.glob("*.onnx")):
+            return "onnx"
+        if (path / "config.json").is_file():
+            return "hf"
+    raise EdgesmithError(f"{path}: not a benchmarkable artifact (expected a .gguf file, an HF directory or an ONNX directory)")
+
+
+def open_lm(path: str | os.PathLike, threads: int, n_ctx: int = 2048):
+    path = Path(path)
+    kind = kind_of(path)
+    return {"gguf": GGUFLM, "onnx": OnnxBenchLM, "hf": HFLM}[kind](path, threads=threads, n_ctx=n_ctx)
+
+
+class _HFTokenizer:
+    """The artifact's tokenizer.json through the `tokenizers` library (no transformers needed)."""
+
+    def __init__(self, d: Path):
+        from tokenizers import Tokenizer
+
+        f = d / "tokenizer.json"
+        if not f.is_file():
+            raise EdgesmithError(f"{d}: tokenizer.json missing (needed to score text)")
+        self.tok = Tokenizer.from_file(str(f))
+        cfg = {}
+        for name in ("tokenizer_config.json", "config.json", "generation_config.json"):
+            if (d / name).is_file():
+                cfg.update({k: v for k, v in json.loads((d / name).read_text()).items() if v is not None and k not in cfg})
+        plain = self.tok.encode("a", add_special_tokens=False).ids
+        special = self.tok.encode("a", add_special_tokens=True).ids
+        # bos is added exactly when the tokenizer's post-processor adds it (SmolLM2: no)
+        self.add_bos = len(special) > len(plain) and special[-len(plain):] == plain
+        self.bos_id = special[0] if self.add_bos else cfg.get("bos_token_id")
+        eos = cfg.get("eos_token_id")
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.special = {k: (v["content"] if isinstance(v, dict) else v) for k, v in cfg.items()
+                        if k.endswith("_token") and isinstance(v, (str, dict))}
+        self.chat_template = cfg.get("chat_template")
+        if not self.chat_template and (d / "chat_template.jinja").is_file():
+            self.chat_template = (d / "chat_template.jinja").read_text()
+
+    def encode(self, text: str, special: bool = False) -> list[int]:
+        # tokenizers always matches added special tokens in the text; `special` is for GGUF parity
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+
+# ---------------------------------------------------------------- GGUF: llama.cpp low-level API
+
+
+class GGUFLM:
+    """llama.cpp through llama_cpp's C bindings: one llama_batch, llama_decode, llama_get_logits_ith.
+
+    No per-token Python work beyond filling a preallocated batch and one argmax, which is what
+    makes decode speed match `llama-bench` (the high-level `Llama.eval` copies every logit row).
+    """
+
+    backend = "gguf"
+
+    def __init__(self, path: Path, threads: int, n_ctx: int = 2048):
+        import llama_cpp as L
+
+        from edgesmith.modelio import facts
+
+        facts(path)  # validate header/arch before native code sees the file
+        self.L = L
+        L.llama_backend_init()
+        L.llama_log_set(_LOG_CB, None)
+        mp = L.llama_model_default_params()
+        self.model = L.llama_model_load_from_file(str(path).encode(), mp)
+        if not self.model:
+            raise EdgesmithError(f"{path}: llama.cpp could not load this GGUF")
+        cp = L.llama_context_default_params()
+        cp.n_ctx = n_ctx
+        cp.n_batch = n_ctx          # a whole scoring window in one llama_decode
+        cp.n_ubatch = 512           # llama-bench's default micro-batch
+        cp.n_threads = threads
+        cp.n_threads_batch = threads
+        cp.no_perf = True
+        self.ctx = L.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            raise EdgesmithError(f"{path}: llama.cpp could not create a context (n_ctx={n_ctx})")
+        self.mem = L.llama_get_memory(self.ctx)
+        self.vocab = L.llama_model_get_vocab(self.model)
+        self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
+        self.n_ctx = n_ctx
+        self.add_bos = bool(L.llama_vocab_get_add_bos(self.vocab))
+        self.bos_id = L.llama_vocab_bos(self.vocab)
+        self.eos_ids = {t for t in (L.llama_vocab_eos(self.vocab), L.llama_vocab_eot(self.vocab)) if t >= 0}
+        self.batch = L.llama_batch_init(n_ctx, 0, 1)
+        for i in range(n_ctx):  # every token belongs to sequence 0, set once
+            self.batch.n_seq_id[i] = 1
+            self.batch.seq_id[i][0] = 0
+        self._tok = np.ctypeslib.as_array(self.batch.token, shape=(n_ctx,))
+        self._pos = np.ctypeslib.as_array(self.batch.pos, shape=(n_ctx,))
+        self._out = np.ctypeslib.as_array(self.batch.logits, shape=(n_ctx,))
+        self.n_past = 0
+        from edgesmith.modelio import gguf_fields
+
+        meta = gguf_fields(path)
+        self.chat_template = meta.get("tokenizer.chat_template")
+        self.special = {"bos_token": self._piece(self.bos_id), "eos_token": self._piece(L.llama_vocab_eos(self.vocab))}
+        self.path = path
+
+    # tokenizer: llama.cpp's own, so token windows are exactly what llama-perplexity sees
+    def encode(self, text: str, special: bool = False) -> list[int]:
+        """special=True parses control tokens in the text (chat prompts), like tokenizers does."""
+        L = self.L
+        raw = text.encode("utf-8")
+        cap = len(raw) + 16
+        buf = (L.llama_token * cap)()
+        n = L.llama_tokenize(self.vocab, raw, len(raw), buf, cap, False, special)
+        if n < 0:
+            cap = -n
+            buf = (L.llama_token * cap)()
+            n = L.llama_tokenize(self.vocab, raw, len(raw), buf, cap, False, special)
+        return list(buf[:n])
+
+    def _piece(self, t: int) -> str:
+        import ctypes
+
+        buf = ctypes.create_string_buffer(256)
+        n = self.L.llama_token_to_piece(self.vocab, t, buf, 256, 0, True)
+        return buf.raw[:max(n, 0)].decode("utf-8", errors="replace")
+
+    def decode(self, ids) -> str:
+        import ctypes
+
+        L = self.L
+        out = []
+        buf = ctypes.create_string_buffer(256)
+        for t in ids:
+            if t in self.eos_ids or L.llama_vocab_is_control(self.vocab, t):
+                continue
+            n = L.llama_token_to_piece(self.vocab, t, buf, 256, 0, False)
+            out.append(buf.raw[:max(n, 0)])
+        return b"".join(out).decode("utf-8", errors="replace")
+
+    def _decode(self, ids, pos0: int, want) -> None:
+        n = len(ids)
+        if pos0 + n > self.n_ctx:
+            raise EdgesmithError(f"{self.path}: {pos0 + n} tokens exceed the context of {self.n_ctx}")
+        self._tok[:n] = ids
+        self._pos[:n] = np.arange(pos0, pos0 + n)
+        self._out[:n] = want
+        self.batch.n_tokens = n
+        rc = self.L.llama_decode(self.ctx, self.batch)
+        if rc != 0:
+            raise EdgesmithError(f"{self.path}: llama_decode failed with code {rc}")
+
+    def _row(self, i: int) -> np.ndarray:
+        return np.ctypeslib.as_array(self.L.llama_get_logits_ith(self.ctx, i), shape=(self.n_vocab,))
+
+    def logits(self, ids, first: int = 0) -> np.ndarray:
+        self.L.llama_memory_clear(self.mem, True)
+        want = np.zeros(len(ids), dtype=np.int8)
+        want[first:] = 1
+        self._decode(ids, 0, want)
+        out = np.empty((len(ids) - first, self.n_vocab), dtype=np.float32)
+        for j, i in enumerate(range(first, len(ids))):
+            out[j] = self._row(i)
+        self.n_past = len(ids)
+        return out
+
+    def prefill(self, ids) -> int:
+        self.L.llama_memory_clear(self.mem, True)
+        want = np.zeros(len(ids), dtype=np.int8)
+        want[-1] = 1
+        self._decode(ids, 0, want)
+        self.n_past = len(ids)
+        return int(np.argmax(self._row(len(ids) - 1)))
+
+    def step(self, tok: int) -> int:
+        self._decode([tok], self.n_past, 1)
+        self.n_past += 1
+        return int(np.argmax(self._row(0)))
+
+    def info(self) -> dict:
+        return {"llama_cpp_python": _version("llama_cpp_python"),
+                "system_info": self.L.llama_print_system_info().decode(errors="replace").strip()}
+
+    def close(self):
+        L = self.L
+        if getattr(self, "batch", None) is not None:
+            L.llama_batch_free(self.batch)
+            self.batch = None
+        if getattr(self, "ctx", None):
+            L.llama_free(self.ctx)
+            self.ctx = None
+        if getattr(self, "model", None):
+            L.llama_model_free(self.model)
+            self.model = None
+
+
+def _quiet_log(level, text, user_data):  # llama.cpp logs every tensor at load: keep stderr readable
+    return None
+
+
+try:  # the callback object must outlive every llama.cpp call
+    import ctypes as _ct
+
+    _LOG_CB = _ct.CFUNCTYPE(None, _ct.c_int, _ct.c_char_p, _ct.c_void_p)(_quiet_log)
+except Exception:  # noqa: BLE001
+    _LOG_CB = None
+
+
+# ---------------------------------------------------------------- ONNX: onnxruntime, numpy only
+
+
+class OnnxBenchLM:
+    """An `edgesmith export --onnx` directory (optimum decoder with KV cache) through the export
+    stage's torch-free `OnnxLM` (onnxruntime + numpy + tokenizers)."""
+
+    backend = "onnx"
+
+    def __init__(self, path: Path, threads: int, n_ctx: int = 2048):
+        from edgesmith.export.onnx import OnnxLM
+
+        self.lm = OnnxLM(path, threads=threads)
+        self.tok = _HFTokenizer(path)
+        self.add_bos, self.bos_id, self.eos_ids = self.tok.add_bos, self.tok.bos_id, self.tok.eos_ids
+        self.chat_template, self.special = self.tok.chat_template, self.tok.special
+        self.n_vocab = self.lm.config.get("vocab_size")
+        self.past, self.n_past = None, 0
+
+    def encode(self, text, special=False):
+        return self.tok.encode(text, special)
+
+    def decode(self, ids):
+        return self.tok.decode(ids)
+
+    def logits(self, ids, first: int = 0) -> np.ndarray:
+        lg, _ = self.lm._step(list(ids), self.lm._empty_past(), 0)
+        return np.ascontiguousarray(lg[first:], dtype=np.float32)
+
+    def prefill(self, ids) -> int:
+        lg, self.past = self.lm._step(list(ids), self.lm._empty_past(), 0)
+        self.n_past = len(ids)
+        return int(np.argmax(lg[-1]))
+
+    def step(self, tok: int) -> int:
+        lg, self.past = self.lm._step([tok], self.past, self.n_past)
+        self.n_past += 1
+        return int(np.argmax(lg[-1]))
+
+    def info(self) -> dict:
+        return {"onnxruntime": _version("onnxruntime")}
+
+    def close(self):
+        self.lm = None
+
+
+# ---------------------------------------------------------------- HF: transformers fp32
+
+
+class HFLM:
+    backend = "hf"
+
+    def __init__(self, path: Path, threads: int, n_ctx: int = 2048):
+        import torch
+
+        from edgesmith.modelio import load_model
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.model = load_model(str(path), dtype="float32")
+        self.model.eval()
+        if (path / "tokenizer.json").is_file():
+            self.tok = _HFTokenizer(path)
+        else:
+            raise EdgesmithError(f"{path}: tokenizer.json missing (needed to score text)")
+        self.add_bos, self.bos_id, self.eos_ids = self.tok.add_bos, self.tok.bos_id, self.tok.eos_ids
+        self.chat_template, self.special = self.tok.chat_template, self.tok.special
+        self.n_vocab = self.model.config.vocab_size
+        self.past = None
+        self.n_past = 0
+
+    def encode(self, text, special=False):
+        return self.tok.encode(text, special)
+
+    def decode(self, ids):
+        return self.tok.decode(ids)
+
+    def logits(self, ids, first: int = 0) -> np.ndarray:
+        t = self.torch
+        with t.inference_mode():
+            out = self.model(t.tensor([list(ids)]), use_cache=False)
+        return out.logits[0, first:].float().numpy()
+
+    def prefill(self, ids) -> int:
+        t = self.torch
+        with t.inference_mode():
+            out = self.model(t.tensor([list(ids)]), use_cache=True)
+        self.past, self.n_past = out.past_key_values, len(ids)
+        return int(out.logits[0, -1].argmax())
+
+    def step(self, tok: int) -> int:
+        t = self.torch
+        with t.inference_mode():
+            out = self.model(t.tensor([[tok]]), past_key_values=self.past, use_cache=True)
+        self.past = out.past_key_values
+        self.n_past += 1
+        return int(out.logits[0, -1].argmax())
+
+    def info(self) -> dict:
+        import transformers
+
+        return {"torch": self.torch.__version__, "transformers": transformers.__version__}
+
+    def close(self):
+        self.model = None
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None

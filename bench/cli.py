@@ -1,0 +1,92 @@
+"""`edgesmith bench ARTIFACT...` and `edgesmith report RESULTS...` (see bench/harness.py, bench/report.py)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from edgesmith.errors import EdgesmithError
+
+
+def cmd_bench(args) -> int:
+    from edgesmith.bench.harness import BenchSettings, run
+    from edgesmith.bench.report import terminal_table
+    from edgesmith.fsutil import write_json
+
+    s = BenchSettings(
+        artifacts=args.artifacts, ppl=not args.no_ppl, ppl_text=args.ppl_text, ctx=args.ctx, max_chunks=args.max_chunks,
+        tasks=args.tasks.split(",") if args.tasks else [], data_dir=args.data_dir, limit=args.limit,
+        gen_max_new_tokens=args.gen_max_new_tokens, reference=args.reference, agree_chunks=args.agree_chunks,
+        latency=args.latency, threads=args.threads, repeat=args.repeat, seed=args.seed,
+    )
+    doc = run(s, progress=_progress())
+    if args.json:
+        write_json(args.json, doc)
+    for r in doc["results"]:
+        print(r.get("summary", r["artifact"]))
+    print(terminal_table(doc))
+    if args.json:
+        print(f"results: {args.json}")
+    return 1 if any("error" in r for r in doc["results"]) else 0
+
+
+def _progress():
+    """A tqdm bar over artifacts on stderr (the table goes to stdout)."""
+    from tqdm import tqdm
+
+    state = {}
+
+    def cb(i, n, artifact, result=None):
+        if "bar" not in state:
+            state["bar"] = tqdm(total=n, desc="bench", unit="artifact", file=sys.stderr, leave=False)
+        bar = state["bar"]
+        if result is None:
+            bar.set_postfix_str(Path(artifact).name)
+        else:
+            bar.update(1)
+            bar.write(result.get("summary", ""), file=sys.stderr)
+            if i == n:
+                bar.close()
+    return cb
+
+
+def cmd_report(args) -> int:
+    from edgesmith.bench.report import report
+
+    md = report(args.results, args.out)
+    print(md.read_text())
+    print(f"report: {md}")
+    return 0
+
+
+def register(sub) -> None:
+    from edgesmith.bench.tasks import TASKS
+
+    p = sub.add_parser("bench", help="accuracy and latency of HF / GGUF / ONNX artifacts (one child process each)",
+                       description="Perplexity (llama-perplexity's method), multiple-choice and generation tasks, agreement "
+                       "with a reference, and latency of each ARTIFACT: an HF dir, a .gguf, an ONNX dir, or an "
+                       "`edgesmith export` output dir (all its artifacts). 'default' = the embedded GGUF.")
+    p.add_argument("artifacts", nargs="+", metavar="ARTIFACT")
+    p.add_argument("--ppl-text", metavar="FILE", help="text to score (default: WikiText-2 raw test in --data-dir)")
+    p.add_argument("--no-ppl", action="store_true", help="skip perplexity")
+    p.add_argument("--ctx", type=int, default=512, help="perplexity window in tokens (default 512; 2nd half scored)")
+    p.add_argument("--max-chunks", type=int, metavar="N", help="score at most N windows (default: whole text)")
+    p.add_argument("--tasks", metavar="LIST", help=f"comma-separated: {', '.join(TASKS)}, or FILE.jsonl ({{query, choices, gold}})")
+    p.add_argument("--data-dir", metavar="DIR", help="folder with mc/, instruct/, lm/ (default ../shared/data when present)")
+    p.add_argument("--limit", type=int, metavar="N", help="first N items per task")
+    p.add_argument("--gen-max-new-tokens", type=int, default=128, help="generation budget for generation tasks (default 128)")
+    p.add_argument("--reference", metavar="ARTIFACT", help="compare token distributions with this artifact (KL, top-1)")
+    p.add_argument("--agree-chunks", type=int, default=4, help="perplexity windows used for agreement (default 4)")
+    p.add_argument("--latency", action="store_true", help="measure load, TTFT, pp512, tg128, peak RSS")
+    p.add_argument("--threads", type=int, default=0, help="threads (default: all usable CPUs); the child is pinned")
+    p.add_argument("--repeat", type=int, default=5, help="timed repetitions after a warm-up (default 5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="FILE", help="write the results JSON (schema 1) here")
+    p.set_defaults(func=cmd_bench)
+
+
+def register_report(sub) -> None:
+    r = sub.add_parser("report", help="merge bench results JSON into a markdown table and PNG plots")
+    r.add_argument("results", nargs="+", metavar="RESULTS", help="results JSON files or directories of them")
+    r.add_argument("--out", default="bench/report", help="output directory (report.md + PNGs; default bench/report)")
+    r.set_defaults(func=cmd_report)

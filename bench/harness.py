@@ -1,0 +1,573 @@
+"""`edgesmith bench`: accuracy and latency of HF, GGUF and ONNX artifacts, one child process each.
+
+Read top to bottom: settings -> artifacts -> (reference log-probs) -> per-artifact child
+(perplexity, tasks, agreement, latency) -> results JSON (schema 1) -> table.
+
+Everything an artifact computes goes through the small interface in `bench/backends.py`, so the
+same token windows and the same arithmetic score every backend:
+
+* perplexity: llama-perplexity's method. The whole text is tokenized once, cut into
+  non-overlapping windows of `ctx` tokens (bos replaces the first token of each window only if the
+  tokenizer adds bos -- SmolLM2's does not), and only the second half of each window is scored, so
+  every scored token sees at least ctx/2 tokens of context.
+* multiple choice: sum of log p(continuation | context) per choice (lm-evaluation-harness); `acc`
+  picks the highest sum, `acc_norm` the highest sum per character of the choice.
+* agreement: KL(reference || artifact) and top-1 agreement at the scored positions of the first
+  `agree_chunks` perplexity windows, on the reference's exact token ids.
+* latency: load, TTFT (128/512-token prompts), prefill tok/s (pp512), decode tok/s (tg128 from
+  an empty cache, the first token excluded), VmHWM of the child; warm-up first, `repeat` runs,
+  mean ± std, the child pinned to `threads` CPUs.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgesmith.errors import ConfigError, EdgesmithError
+
+SCHEMA = 1
+
+
+@dataclass
+class BenchSettings:
+    artifacts: list[str] = field(default_factory=list)
+    """HF dirs, .gguf files, ONNX dirs, or `edgesmith export` output dirs (expanded to all their artifacts)."""
+    ppl: bool = True
+    """Measure perplexity on `ppl_text`."""
+    ppl_text: str | None = None
+    """Text file for perplexity and agreement (default: WikiText-2 raw test in data_dir), read as-is like llama-perplexity -f."""
+    ctx: int = 512
+    """Perplexity window in tokens (llama-perplexity -c); the second half of each window is scored."""
+    max_chunks: int | None = None
+    """Score at most this many windows (llama-perplexity --chunks); None = the whole text."""
+    tasks: list[str] = field(default_factory=list)
+    """Task plug-ins (bench/tasks: arc_easy, piqa, winogrande, boolq, copa, alpaca) or FILE.jsonl."""
+    data_dir: str | None = None
+    """Folder with mc/, instruct/, lm/ (default ../shared/data when present)."""
+    limit: int | None = None
+    """First N items of each task (None = all)."""
+    gen_max_new_tokens: int = 128
+    """Greedy generation budget for generation tasks."""
+    reference: str | None = None
+    """Artifact to compare distributions with (KL, top-1 agreement), e.g. the F16 GGUF or the teacher."""
+    agree_chunks: int = 4
+    """Perplexity windows used for agreement (the reference's log-probs are kept on disk meanwhile)."""
+    latency: bool = False
+    """Measure load time, TTFT, prefill and decode speed, peak RSS."""
+    threads: int = 0
+    """Threads for every backend (0 = all CPUs this process may use); the child is pinned to that many CPUs."""
+    repeat: int = 5
+    """Timed repetitions (mean ± std) after one warm-up."""
+    seed: int = 0
+    """Seed (decoding is greedy; recorded for reproducibility)."""
+
+    def __post_init__(self):
+        if self.ctx < 8 or self.ctx % 2:
+            raise ConfigError("ctx", f"expected an even number of tokens >= 8, got {self.ctx}")
+        if self.max_chunks is not None and self.max_chunks < 1:
+            raise ConfigError("max_chunks", f"expected >= 1, got {self.max_chunks}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError("limit", f"expected >= 1, got {self.limit}")
+        if self.repeat < 1:
+            raise ConfigError("repeat", f"expected >= 1, got {self.repeat}")
+        if self.threads < 0:
+            raise ConfigError("threads", f"expected >= 0, got {self.threads}")
+        if self.agree_chunks < 1:
+            raise ConfigError("agree_chunks", f"expected >= 1, got {self.agree_chunks}")
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def default_data_dir() -> Path | None:
+    env = os.environ.get("EDGESMITH_DATA")
+    repo = Path(__file__).resolve().parents[1]
+    for cand in ([Path(env)] if env else []) + [Path.cwd().parent / "shared" / "data", repo.parent / "shared" / "data"]:
+        if cand.is_dir():
+            return cand.resolve()
+    return None
+
+
+def resolve_settings(s: BenchSettings) -> BenchSettings:
+    """Fill defaults that depend on the machine/filesystem, validate paths (in the parent)."""
+    from edgesmith.bench.tasks import parse_tasks
+
+    s.tasks = parse_tasks(s.tasks)
+    if s.data_dir is None:
+        d = default_data_dir()
+        s.data_dir = str(d) if d else None
+    elif not Path(s.data_dir).is_dir():
+        raise EdgesmithError(f"--data-dir {s.data_dir}: no such directory")
+    if (s.ppl or s.reference) and s.ppl_text is None:
+        if s.data_dir is None:
+            raise EdgesmithError("no perplexity text: pass --ppl-text FILE or --data-dir (../shared/data not found)")
+        s.ppl_text = str(Path(s.data_dir) / "lm" / "wikitext-2-raw" / "wiki.test.raw")
+    if s.ppl_text is not None and not Path(s.ppl_text).is_file():
+        raise EdgesmithError(f"--ppl-text {s.ppl_text}: no such file")
+    if any(not t.endswith(".jsonl") for t in s.tasks) and s.data_dir is None:
+        raise EdgesmithError("tasks need --data-dir (../shared/data not found)")
+    if s.threads == 0:
+        s.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return s
+
+
+def expand_artifacts(specs: list[str]) -> list[Path]:
+    """Each spec -> artifact paths; an `edgesmith export` dir (export.json) -> every artifact it lists."""
+    from edgesmith.bench.backends import kind_of
+    from edgesmith.modelio import default_gguf
+
+    out: list[Path] = []
+    for spec in specs:
+        p = default_gguf() if spec == "default" else Path(spec).expanduser()
+        if not p.exists():
+            raise EdgesmithError(f"{spec}: no such artifact (expected an HF dir, a .gguf, an ONNX dir or an export dir)")
+        manifest = p / "export.json" if p.is_dir() else None
+        if manifest is not None and manifest.is_file():
+            out += _export_artifacts(manifest)
+        else:
+            kind_of(p)
+            out.append(p)
+    seen, uniq = set(), []
+    for p in out:
+        if p.resolve() not in seen:
+            seen.add(p.resolve())
+            uniq.append(p)
+    if not uniq:
+        raise EdgesmithError("no artifacts to benchmark")
+    return uniq
+
+
+def _export_artifacts(manifest: Path) -> list[Path]:
+    """Every `path`/`file` entry of an export.json that names an existing artifact."""
+    from edgesmith.bench.backends import kind_of
+
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise EdgesmithError(f"{manifest}: unreadable export manifest ({e})") from None
+    found: list[Path] = []
+
+    def walk(x):
+        if isinstance(x, dict):
+            for k in ("path", "file"):
+                v = x.get(k)
+                if isinstance(v, str):
+                    q = Path(v)
+                    for cand in (q, manifest.parent / q, manifest.parent / q.name):
+                        if cand.exists():
+                            try:
+                                kind_of(cand)
+                                found.append(cand)
+                            except EdgesmithError:
+                                pass
+                            break
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+
+    walk(data)
+    if not found:
+        raise EdgesmithError(f"{manifest}: lists no existing artifact (expected entries with a 'path')")
+    return found
+
+
+# ---------------------------------------------------------------- math (pure)
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    # x: [n, vocab] -> [n, vocab] in float64 (llama.cpp sums in double too)
+    x = x.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def ppl_windows(tokens: list[int], ctx: int, max_chunks: int | None, add_bos: bool, bos_id: int | None) -> list[list[int]]:
+    """llama-perplexity's windows: non-overlapping ctx-token slices; bos replaces token 0 if the vocab adds bos."""
+    n = len(tokens) // ctx
+    if max_chunks:
+        n = min(n, max_chunks)
+    if n < 1:
+        raise EdgesmithError(f"perplexity text has {len(tokens)} tokens: need at least ctx={ctx}")
+    wins = [list(tokens[i * ctx:(i + 1) * ctx]) for i in range(n)]
+    if add_bos and bos_id is not None:
+        for w in wins:
+            w[0] = bos_id
+    return wins
+
+
+def window_logprobs(lm, win: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Log-probs at the scored positions of one window and the targets they predict.
+
+    Scored like llama-perplexity: logits of positions first..ctx-2 (first = ctx/2) predict tokens
+    first+1..ctx-1. -> (logp [ctx/2 - 1, vocab], targets [ctx/2 - 1])
+    """
+    first = len(win) // 2
+    lg = lm.logits(win[:-1], first)              # [ctx-1-first, vocab]
+    return log_softmax(lg), np.asarray(win[first + 1:])
+
+
+def nll_of(logp: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    # logp: [n, vocab], targets: [n] -> [n]
+    return -logp[np.arange(len(targets)), targets]
+
+
+def kl_top1(ref_logp: np.ndarray, logp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    # [n, vocab] x2 -> KL(ref || model) [n], top-1 equal [n]
+    kl = (np.exp(ref_logp) * (ref_logp - logp)).sum(-1)
+    return kl, ref_logp.argmax(-1) == logp.argmax(-1)
+
+
+def continuation_loglik(lm, context: str, continuation: str) -> float:
+    """sum log p(continuation | context), split as lm-evaluation-harness does (encode the whole,
+    the continuation is what follows the context's own tokens)."""
+    whole = lm.encode(context + continuation)
+    n_ctx = len(lm.encode(context))
+    prefix = [lm.bos_id] if lm.add_bos and lm.bos_id is not None else []
+    ids = prefix + whole
+    start = len(prefix) + n_ctx  # first continuation token
+    if start >= len(ids):
+        raise EdgesmithError(f"continuation {continuation!r} tokenizes to nothing")
+    if start == 0:
+        raise EdgesmithError("empty context and no bos token: cannot score the first token")
+    lg = lm.logits(ids[:-1], start - 1)          # rows predict ids[start:]
+    return float(-nll_of(log_softmax(lg), np.asarray(ids[start:])).sum())
+
+
+def mc_scores(lm, items: list[dict]) -> dict:
+    acc, acc_norm = [], []
+    for it in items:
+        ll = np.array([continuation_loglik(lm, c, x) for c, x in it["pairs"]])
+        chars = np.array([max(1, len(x.lstrip(" "))) for _, x in it["pairs"]])
+        acc.append(int(ll.argmax() == it["gold"]))
+        acc_norm.append(int((ll / chars).argmax() == it["gold"]))
+    return {"acc": float(np.mean(acc)), "acc_norm": float(np.mean(acc_norm)), "n": len(items),
+            "acc_stderr": float(np.std(acc, ddof=1) / math.sqrt(len(acc))) if len(acc) > 1 else None}
+
+
+def chat_prompt(lm, messages: list[dict]) -> list[int]:
+    if lm.chat_template:
+        from edgesmith.export.onnx import render_chat_template
+
+        text = render_chat_template(lm.chat_template, messages, add_generation_prompt=True, special=lm.special)
+    else:  # documented plain fallback (edgesmith.data.render)
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+    return lm.encode(text, special=True)
+
+
+def generate(lm, ids: list[int], max_new: int) -> tuple[list[int], bool]:
+    """Greedy; -> (new ids without eos, stopped at eos)."""
+    out = []
+    tok = lm.prefill(ids)
+    for _ in range(max_new):
+        if tok in lm.eos_ids:
+            return out, True
+        out.append(tok)
+        if len(out) == max_new:
+            break
+        tok = lm.step(tok)
+    return out, False
+
+
+def gen_scores(lm, items: list[dict], max_new: int) -> dict:
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    hyps, refs, stopped, lens, secs = [], [], [], [], []
+    for it in items:
+        ids = chat_prompt(lm, it["messages"])
+        t0 = time.perf_counter()
+        new, stop = generate(lm, ids, max_new)
+        secs.append(time.perf_counter() - t0)
+        hyps.append(lm.decode(new).strip())
+        refs.append(it["reference"].strip())
+        stopped.append(stop and bool(hyps[-1]))
+        lens.append(len(new))
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    rouge = [scorer.score(r, h)["rougeL"].fmeasure for r, h in zip(refs, hyps)]
+    return {
+        "exact_match": float(np.mean([h == r for h, r in zip(hyps, refs)])),
+        "rougeL": float(np.mean(rouge)),
+        "bleu": float(sacrebleu.corpus_bleu(hyps, [refs]).score),
+        "chrf": float(sacrebleu.corpus_chrf(hyps, [refs]).score),
+        "success_rate": float(np.mean(stopped)),  # ended with eos, non-empty, within the budget
+        "mean_output_tokens": float(np.mean(lens)),
+        "mean_gen_s": float(np.mean(secs)),
+        "n": len(items), "max_new_tokens": max_new,
+    }
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
+
+
+def measure_latency(lm, prompt: list[int], repeat: int, n_gen: int = 128) -> dict:
+    """TTFT for 128/512-token prompts, pp512 and tg128 (llama-bench's tests), one warm-up first."""
+    if len(prompt) < 512:
+        prompt = (prompt * (512 // max(1, len(prompt)) + 1))[:512]
+    p128, p512 = prompt[:128], prompt[:512]
+
+    def once():
+        t0 = time.perf_counter()
+        lm.prefill(p128)
+        t128 = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        lm.prefill(p512)
+        t512 = time.perf_counter() - t0
+        tok = lm.prefill(p512[:1])               # first token (excluded from decode speed)
+        t0 = time.perf_counter()
+        for _ in range(n_gen):
+            tok = lm.step(tok)
+        tg = time.perf_counter() - t0
+        return t128, t512, tg
+
+    once()  # warm-up: page in weights, allocate buffers, let caches settle
+    runs = [once() for _ in range(repeat)]
+    t128 = [r[0] for r in runs]
+    t512 = [r[1] for r in runs]
+    pp = [512 / r[1] for r in runs]
+    tg = [n_gen / r[2] for r in runs]
+    out = {}
+    out["ttft_ms"], out["ttft_ms_std"] = (round(v * 1000, 2) for v in mean_std(t128))
+    out["ttft_512_ms"], out["ttft_512_ms_std"] = (round(v * 1000, 2) for v in mean_std(t512))
+    out["prefill_tok_s"], out["prefill_tok_s_std"] = (round(v, 2) for v in mean_std(pp))
+    out["decode_tok_s"], out["decode_tok_s_std"] = (round(v, 2) for v in mean_std(tg))
+    out["repeat"] = repeat
+    return out
+
+
+def vm_hwm_mb() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
+# ---------------------------------------------------------------- one artifact (in a child)
+
+
+def artifact_facts(path: Path, kind: str) -> tuple[float, float | None, int | None]:
+    """(size MiB, bits per weight, parameters) without loading weights."""
+    from edgesmith.fsutil import dir_size
+
+    if kind == "onnx":
+        size = sum(f.stat().st_size for f in path.iterdir() if f.is_file() and (f.suffix in (".onnx", ".data") or f.name.endswith("onnx_data")))
+    elif kind == "hf":
+        size = sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".bin"))
+    else:
+        size = dir_size(path)
+    params = None
+    try:
+        if kind in ("gguf", "hf"):
+            from edgesmith.modelio import facts
+
+            params = facts(path).params_total
+        else:
+            import onnx
+
+            m = onnx.load(str(next(iter(sorted(path.glob("*.onnx"))))), load_external_data=False)
+            params = sum(int(np.prod(t.dims)) for t in m.graph.initializer if len(t.dims) >= 1 and np.prod(t.dims) > 1)
+    except Exception:  # noqa: BLE001 - bpw is informative; no onnx package on a device
+        params = None
+    bpw = round(size * 8 / params, 3) if params else None
+    return round(size / 2**20, 2), bpw, params
+
+
+def pin_threads(threads: int) -> list[int] | None:
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    if threads < len(cpus):
+        cpus = cpus[:threads]
+        os.sched_setaffinity(0, cpus)
+    return cpus
+
+
+def run_artifact(path: str, s: dict, ref_file: str | None = None, ref_only: bool = False) -> dict:
+    """Everything for one artifact; runs in its own child process. ref_only: just save log-probs."""
+    from edgesmith.bench import tasks as T
+    from edgesmith.bench.backends import kind_of, open_lm
+
+    s = BenchSettings(**s)
+    p = Path(path)
+    kind = kind_of(p)
+    cpus = pin_threads(s.threads)
+    np.random.seed(s.seed)
+    t0 = time.perf_counter()
+    lm = open_lm(p, s.threads, n_ctx=max(2048, s.ctx))
+    load_s = time.perf_counter() - t0
+    try:
+        res: dict = {"artifact": str(p), "backend": kind}
+        text_tokens = None
+        if s.ppl_text and (s.ppl or s.reference or s.latency or ref_only):
+            text_tokens = lm.encode(Path(s.ppl_text).read_text(encoding="utf-8"))
+        if ref_only:
+            wins = ppl_windows(text_tokens, s.ctx, min(s.agree_chunks, s.max_chunks or s.agree_chunks), lm.add_bos, lm.bos_id)
+            lps = np.stack([window_logprobs(lm, w)[0].astype(np.float32) for w in wins])
+            np.savez(ref_file, windows=np.asarray(wins, dtype=np.int64), logp=lps)
+            return {"windows": len(wins)}
+        res["file_mb"], res["bpw"], res["params"] = artifact_facts(p, kind)
+        if s.ppl:
+            wins = ppl_windows(text_tokens, s.ctx, s.max_chunks, lm.add_bos, lm.bos_id)
+            nll = np.concatenate([nll_of(*window_logprobs(lm, w)) for w in wins])
+            res["perplexity"] = {"value": float(np.exp(nll.mean())), "ctx": s.ctx, "chunks": len(wins),
+                                 "text": s.ppl_text, "tokens_scored": int(nll.size), "text_tokens": len(text_tokens),
+                                 "nll_stderr": float(nll.std(ddof=1) / math.sqrt(nll.size))}
+        if s.tasks:
+            res["tasks"] = {}
+            for name in s.tasks:
+                mod = T.get(name)
+                src = name if name.endswith(".jsonl") else s.data_dir
+                items = mod.load(src, s.limit)
+                if mod.KIND == "mc":
+                    res["tasks"][T.task_key(name)] = mc_scores(lm, items)
+                else:
+                    res["tasks"][T.task_key(name)] = gen_scores(lm, items, s.gen_max_new_tokens)
+        if ref_file:
+            ref = np.load(ref_file)
+            kls, tops = [], []
+            for w, ref_lp in zip(ref["windows"], ref["logp"]):
+                lp, _ = window_logprobs(lm, [int(t) for t in w])
+                if lp.shape != ref_lp.shape:
+                    raise EdgesmithError(f"{p}: vocabulary {lp.shape[-1]} differs from the reference's {ref_lp.shape[-1]}")
+                kl, top = kl_top1(ref_lp.astype(np.float64), lp)
+                kls.append(kl)
+                tops.append(top)
+            res["agreement"] = {"reference": s.reference, "kl": float(np.concatenate(kls).mean()),
+                                "top1": float(np.concatenate(tops).mean()), "positions": int(sum(k.size for k in kls)),
+                                "windows": len(kls)}
+        if s.latency:
+            lat = {"load_s": round(load_s, 3)}
+            lat.update(measure_latency(lm, text_tokens[:512] if text_tokens else list(range(100, 612)), s.repeat))
+            lat["threads"] = s.threads
+            lat["cpus"] = cpus
+            res["latency"] = lat
+        res["runtime"] = lm.info()
+        if res.get("latency") is not None:
+            res["latency"]["peak_rss_mb"] = vm_hwm_mb()
+        res["peak_rss_mb"] = vm_hwm_mb()
+        return res
+    finally:
+        lm.close()
+
+
+# ---------------------------------------------------------------- machine
+
+
+def machine_info(threads: int) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    cpu, flags = platform.processor() or "?", []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu in ("?", "", platform.machine()):
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith(("flags", "Features")) and not flags:
+                flags = line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    keep = ("sse3", "ssse3", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+            "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16", "neon", "asimd", "asimddp", "sve")
+    mem = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem = round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    libs = {}
+    for d in ("edgesmith", "numpy", "llama_cpp_python", "onnxruntime", "tokenizers", "torch", "transformers", "gguf"):
+        try:
+            libs[d] = version(d)
+        except PackageNotFoundError:
+            pass
+    return {
+        "cpu": cpu, "cpu_flags": [f for f in flags if f in keep], "cores": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "memory_gib": mem, "os": platform.platform(), "python": platform.python_version(), "libraries": libs,
+        "llama_cpp": llama_cpp_build(), "threads": threads, "hostname": platform.node(),
+    }
+
+
+def llama_cpp_build() -> dict:
+    """llama-cpp-python version and the vendored llama.cpp commit (from the cached sdist's git data)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        v = version("llama_cpp_python")
+    except PackageNotFoundError:
+        return {}
+    out = {"llama_cpp_python": v}
+    stamp = Path(__file__).resolve().parent / "results" / "llamacpp-compare.json"
+    if stamp.is_file():
+        try:
+            out["llama_cpp_build"] = json.loads(stamp.read_text()).get("llama_cpp_build")
+        except (OSError, json.JSONDecodeError):
+            pass
+    return out
+
+
+# ---------------------------------------------------------------- the run (parent)
+
+
+def run(s: BenchSettings, progress=None) -> dict:
+    """Benchmark every artifact in its own child process; return the results document."""
+    from edgesmith.native import run_isolated
+
+    s = resolve_settings(s)
+    arts = expand_artifacts(s.artifacts)
+    settings = asdict(s)
+    doc = {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine_info(s.threads),
+           "settings": settings, "results": []}
+    with tempfile.TemporaryDirectory(prefix="edgesmith-bench-") as tmp:
+        ref_file = None
+        if s.reference:
+            ref = expand_artifacts([s.reference])[0]
+            ref_file = str(Path(tmp) / "reference.npz")
+            run_isolated(run_artifact, str(ref), settings, ref_file, True, what=f"bench reference {ref.name}")
+            settings["reference"] = str(ref)
+        for i, a in enumerate(arts):
+            if progress:
+                progress(i, len(arts), a)
+            try:
+                r = run_isolated(run_artifact, str(a), settings, ref_file, what=f"bench {a.name}")
+            except EdgesmithError as e:  # one crash never hides the others' numbers
+                r = {"artifact": str(a), "error": str(e)}
+            r["summary"] = summary_line(r)
+            doc["results"].append(r)
+            if progress:
+                progress(i + 1, len(arts), a, r)
+    return doc
+
+
+def summary_line(r: dict) -> str:
+    """gpt-fast style: one line per artifact."""
+    if "error" in r:
+        return f"{Path(r['artifact']).name}: FAILED: {r['error']}"
+    parts = [f"{Path(r['artifact']).name} [{r['backend']}]", f"{r['file_mb']:.1f} MiB"]
+    if r.get("bpw"):
+        parts.append(f"{r['bpw']:.2f} bpw")
+    if r.get("perplexity"):
+        parts.append(f"ppl {r['perplexity']['value']:.3f}")
+    for k, v in (r.get("tasks") or {}).items():
+        parts.append(f"{k} {100 * v['acc']:.1f}" if "acc" in v else f"{k} rougeL {v['rougeL']:.3f}")
+    if r.get("agreement"):
+        parts.append(f"KL {r['agreement']['kl']:.4f} top1 {100 * r['agreement']['top1']:.1f}%")
+    lat = r.get("latency")
+    if lat:
+        parts.append(f"load {lat['load_s']:.2f} s, TTFT {lat['ttft_ms']:.0f} ms, pp512 {lat['prefill_tok_s']:.1f} tok/s, "
+                     f"tg128 {lat['decode_tok_s']:.1f}±{lat['decode_tok_s_std']:.1f} tok/s, {lat['peak_rss_mb']:.0f} MB peak")
+    return ", ".join(parts)

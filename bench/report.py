@@ -1,0 +1,154 @@
+"""`edgesmith report RESULTS...`: merge bench results (schema 1) into one markdown table and PNG
+plots (accuracy vs size, decode tok/s vs size), written atomically to --out."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from edgesmith.errors import EdgesmithError
+from edgesmith.fsutil import atomic_path, ensure_writable_dir, write_text
+
+SCHEMA = 1
+
+
+def load_results(paths: list[str]) -> list[dict]:
+    """Every result row of every results JSON (files, or directories searched for *.json)."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(p.rglob("*.json"))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise EdgesmithError(f"{p}: no such results file or directory")
+    rows = []
+    for f in files:
+        try:
+            doc = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise EdgesmithError(f"{f}: not a readable results JSON ({e})") from None
+        if not isinstance(doc, dict) or "results" not in doc or "schema" not in doc:
+            if any(p == str(f) for p in paths):
+                raise EdgesmithError(f"{f}: not an edgesmith bench results file (no 'schema'/'results')")
+            continue  # other JSON in a results directory
+        if doc["schema"] != SCHEMA:
+            raise EdgesmithError(f"{f}: results schema {doc['schema']} is not supported (expected {SCHEMA})")
+        for r in doc["results"]:
+            rows.append({**r, "_run": f.name, "_machine": (doc.get("machine") or {}).get("cpu", "?"),
+                         "_threads": (doc.get("settings") or {}).get("threads")})
+    if not rows:
+        raise EdgesmithError(f"no bench results found in {', '.join(paths)}")
+    return rows
+
+
+def _fmt(v, spec=".2f"):
+    return "-" if v is None else format(v, spec)
+
+
+def columns(rows: list[dict]) -> tuple[list[str], list[str]]:
+    mc, gen = [], []
+    for r in rows:
+        for k, v in (r.get("tasks") or {}).items():
+            (mc if "acc" in v else gen).append(k)
+    return list(dict.fromkeys(mc)), list(dict.fromkeys(gen))
+
+
+def table(rows: list[dict], sep: str = "|") -> list[list[str]]:
+    mc, gen = columns(rows)
+    head = ["artifact", "backend", "MiB", "bpw", "ppl"] + [f"{t} acc/norm" for t in mc] + [f"{t} rougeL" for t in gen]
+    head += ["KL", "top1 %", "load s", "TTFT ms", "pp512 tok/s", "tg128 tok/s", "peak MB"]
+    out = [head]
+    for r in rows:
+        if "error" in r:
+            out.append([Path(r["artifact"]).name, r.get("backend", "?"), "FAILED: " + r["error"][:60]] + [""] * (len(head) - 3))
+            continue
+        t = r.get("tasks") or {}
+        a = r.get("agreement") or {}
+        lat = r.get("latency") or {}
+        ppl = r.get("perplexity") or {}
+        row = [Path(r["artifact"]).name, r["backend"], _fmt(r.get("file_mb"), ".1f"), _fmt(r.get("bpw")), _fmt(ppl.get("value"), ".3f")]
+        row += [f"{100 * t[k]['acc']:.1f} / {100 * t[k]['acc_norm']:.1f}" if k in t else "-" for k in mc]
+        row += [_fmt(t[k]["rougeL"], ".3f") if k in t else "-" for k in gen]
+        row += [_fmt(a.get("kl"), ".4f"), _fmt(100 * a["top1"] if "top1" in a else None, ".1f"), _fmt(lat.get("load_s")),
+                _fmt(lat.get("ttft_ms"), ".0f"), _fmt(lat.get("prefill_tok_s"), ".1f"),
+                f"{lat['decode_tok_s']:.1f} ± {lat['decode_tok_s_std']:.1f}" if "decode_tok_s" in lat else "-",
+                _fmt(lat.get("peak_rss_mb", r.get("peak_rss_mb")), ".0f")]
+        out.append(row)
+    return out
+
+
+def markdown(rows: list[dict]) -> str:
+    t = table(rows)
+    lines = ["| " + " | ".join(t[0]) + " |", "|" + "|".join("---" for _ in t[0]) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in t[1:]]
+    return "\n".join(lines)
+
+
+def terminal_table(doc: dict) -> str:
+    rows = doc["results"]
+    t = table(rows)
+    w = [max(len(r[i]) for r in t) for i in range(len(t[0]))]
+    keep = [i for i in range(len(t[0])) if any(r[i] not in ("-", "") for r in t[1:])]
+    fmt = lambda r: "  ".join(r[i].ljust(w[i]) for i in keep)  # noqa: E731
+    return "\n".join([fmt(t[0]), "  ".join("-" * w[i] for i in keep)] + [fmt(r) for r in t[1:]])
+
+
+def _label(r: dict) -> str:
+    name = Path(r["artifact"]).name
+    return name[:-5] if name.endswith(".gguf") else name
+
+
+def plot(rows: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    ok = [r for r in rows if "error" not in r and r.get("file_mb")]
+    markers = {"gguf": "o", "onnx": "s", "hf": "^"}
+    mc, _ = columns(ok)
+
+    def scatter(name, ylabel, value, title):
+        pts = [(r["file_mb"], value(r), r) for r in ok if value(r) is not None]
+        if not pts:
+            return
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for x, y, r in pts:
+            ax.scatter(x, y, marker=markers.get(r["backend"], "o"), s=40)
+            ax.annotate(_label(r), (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        ax.set_xlabel("size on disk (MiB)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = out / name
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+        plt.close(fig)
+        made.append(path)
+
+    if mc:
+        def acc(r):
+            t = r.get("tasks") or {}
+            vals = [t[k]["acc"] for k in mc if k in t]
+            return 100 * sum(vals) / len(vals) if vals else None
+        scatter("accuracy_vs_size.png", f"mean acc % ({', '.join(mc)})", acc, "accuracy vs size")
+    scatter("perplexity_vs_size.png", "perplexity (lower is better)", lambda r: (r.get("perplexity") or {}).get("value"),
+            "perplexity vs size")
+    scatter("decode_vs_size.png", "decode tok/s (tg128)", lambda r: (r.get("latency") or {}).get("decode_tok_s"),
+            "decode speed vs size")
+    return made
+
+
+def report(paths: list[str], out_dir: str | Path) -> Path:
+    rows = load_results(paths)
+    out = ensure_writable_dir(out_dir)
+    pngs = plot(rows, out)
+    machines = sorted({f"{r['_machine']} ({r['_threads']} threads)" for r in rows})
+    md = ["# edgesmith bench report", "", f"Runs: {', '.join(sorted({r['_run'] for r in rows}))}  ",
+          f"Machines: {'; '.join(machines)}", "", markdown(rows), ""]
+    md += [f"![{p.stem}]({p.name})" for p in pngs]
+    path = out / "report.md"
+    write_text(path, "\n".join(md) + "\n")
+    return path
