@@ -18,6 +18,12 @@ COMMANDS = {
     "data": "edgesmith.data",
     "chat": "edgesmith.chat",
     "prune": "edgesmith.compress.cli",
+    "distill": "edgesmith.distill.cli",
+    "finetune": "edgesmith.finetune.cli",
+    "merge": "edgesmith.finetune.merge",
+    "export": "edgesmith.export.cli",
+    "bench": "edgesmith.bench.cli",
+    "report": "edgesmith.bench.cli_report",
 }
 
 

@@ -1,0 +1,467 @@
+"""`edgesmith distill`: teach a student (e.g. a pruned model) to match a teacher's next-token distribution.
+
+Top to bottom: check the two tokenizers share one vocabulary, load the data (any file `edgesmith data`
+reads, a prepared split directory, or `teacher:N` = N answers the teacher samples from the shipped seed
+prompts), optionally cache the teacher's top-k log-probs on disk, then train the student (in full or
+through LoRA) with the shared loop on
+
+    loss = (1 - ce_weight) * T² * D(teacher_T || student_T)  +  ce_weight * CE  +  hidden_weight * H
+
+where D is forward KL (default), reverse KL or Jensen-Shannon at temperature T, and H a cosine/MSE
+distance between chosen hidden layers (through a learned projection when widths differ). Logits are
+computed chunk by chunk over the sequence inside activation checkpoints, so full-vocabulary logits
+for the whole batch never sit in memory at once (49k vocab x 512 tokens x 8 = 800 MB in fp32).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgesmith.config import to_dict
+from edgesmith.errors import ConfigError, EdgesmithError
+from edgesmith.trainloop import IGNORE, TrainConfig
+
+HIDDEN_LOSSES = ("cosine", "mse")
+
+
+# ---------------------------------------------------------------- divergences (pure functions)
+# s_logp, t_logp: [N, V] log-probabilities (already tempered) -> per-row divergence [N]
+
+
+def kl_forward(s_logp, t_logp):
+    """KL(teacher || student): mass-covering; the classic KD loss."""
+    return (t_logp.exp() * (t_logp - s_logp)).sum(-1)
+
+
+def kl_reverse(s_logp, t_logp):
+    """KL(student || teacher): mode-seeking; the student may drop low-probability teacher modes."""
+    return (s_logp.exp() * (s_logp - t_logp)).sum(-1)
+
+
+def js_divergence(s_logp, t_logp):
+    """Jensen-Shannon: symmetric, bounded by log 2."""
+    import math
+
+    import torch
+
+    m_logp = torch.logsumexp(torch.stack([s_logp, t_logp]), dim=0) - math.log(2.0)  # [N, V] log of the mixture
+    return 0.5 * kl_forward(m_logp, t_logp) + 0.5 * kl_forward(m_logp, s_logp)
+
+
+LOSSES = {"forward_kl": kl_forward, "reverse_kl": kl_reverse, "js": js_divergence}
+
+
+def kd_loss_full(s_logits, t_logits, temperature: float, kind: str):
+    """s_logits, t_logits: [N, V] raw logits -> T² · D(p_t^T || p_s^T) per row [N]."""
+    import torch.nn.functional as F
+
+    T = temperature
+    s_logp = F.log_softmax(s_logits.float() / T, dim=-1)  # [N, V]
+    t_logp = F.log_softmax(t_logits.float() / T, dim=-1)  # [N, V]
+    return LOSSES[kind](s_logp, t_logp) * T * T
+
+
+def kd_loss_topk(s_logits, t_idx, t_logp, temperature: float, kind: str):
+    """Divergence against a cached sparse teacher. s_logits [N, V]; t_idx [N, k] token ids; t_logp [N, k]
+    teacher log-probs at T=1 -> [N].
+
+    The teacher is renormalised over its top-k at temperature T. Forward KL uses the student's full-vocab
+    log-probs at those ids (so it also pushes mass *into* the support); reverse KL and JS compare both
+    distributions renormalised over the support (they need the student's mass there only).
+    """
+    import torch.nn.functional as F
+
+    T = temperature
+    t = F.log_softmax(t_logp.float() / T, dim=-1)                       # [N, k]
+    if kind == "forward_kl":
+        s = F.log_softmax(s_logits.float() / T, dim=-1).gather(-1, t_idx)  # [N, k]
+    else:
+        s = F.log_softmax(s_logits.float().gather(-1, t_idx) / T, dim=-1)  # [N, k]
+    return LOSSES[kind](s, t) * T * T
+
+
+def hidden_distance(s_h, t_h, kind: str):
+    """s_h, t_h: [N, H] (student already projected to the teacher width) -> [N]."""
+    import torch.nn.functional as F
+
+    if kind == "cosine":
+        return 1.0 - F.cosine_similarity(s_h.float(), t_h.float(), dim=-1)
+    return (s_h.float() - t_h.float()).pow(2).mean(-1)
+
+
+# ---------------------------------------------------------------- config
+
+
+@dataclass
+class DistillConfig:
+    """Settings of `edgesmith distill`."""
+
+    teacher: str = "default"
+    """Teacher model: HF directory, .gguf file or 'default'."""
+    student: str = ""
+    """Student model (HF directory, e.g. the output of edgesmith prune); must share the teacher's vocabulary."""
+    data: str = "teacher:256"
+    """A data file / prepared split directory, or teacher:N (N teacher answers to the shipped seed prompts, cached)."""
+    out: str = "out/distill"
+    """Output HF directory for the distilled student (plus metrics.jsonl, loss.png, distill.json)."""
+    loss: str = "forward_kl"
+    """Divergence: forward_kl, reverse_kl or js."""
+    temperature: float = 1.0
+    """Softmax temperature for teacher and student (the loss is scaled by T² to keep gradient size)."""
+    ce_weight: float = 0.0
+    """Mix in next-token cross-entropy on the data: loss = (1-w)·KD + w·CE."""
+    hidden_weight: float = 0.0
+    """Weight of the hidden-state loss (0 disables it)."""
+    hidden_loss: str = "cosine"
+    """Hidden-state distance: cosine or mse."""
+    layer_pairs: list[str] = field(default_factory=list)
+    """Hidden-state pairs STUDENT:TEACHER (hidden_states indices, 0 = embeddings), e.g. 15:30 (default: middle and last)."""
+    chunk_size: int = 128
+    """Token positions per logits chunk (bounds the [chunk, vocab] memory)."""
+    cache_teacher_topk: int = 0
+    """Run the teacher once and cache its top-k log-probs per token on disk (0: run the teacher live)."""
+    max_length: int = 512
+    """Tokens per example / packed block."""
+    packing: bool = True
+    """Concatenate examples into max_length blocks (no padding waste)."""
+    assistant_only: bool = False
+    """Distil only on assistant tokens of chat data (default: every token)."""
+    lora: bool = False
+    """Train the student through LoRA adapters (merged into the saved student) instead of in full."""
+    lora_r: int = 16
+    """LoRA rank when lora is on."""
+    lora_alpha: int = 32
+    """LoRA alpha when lora is on."""
+    val_fraction: float = 0.05
+    """Held-out validation fraction (teacher:N data and single files)."""
+    format: str = "auto"
+    """Input layout for edgesmith data."""
+    teacher_max_new_tokens: int = 192
+    """teacher:N: longest answer the teacher samples."""
+    teacher_temperature: float = 0.8
+    """teacher:N: sampling temperature for the teacher's answers."""
+    teacher_batch_size: int = 16
+    """teacher:N: prompts generated together."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4, max_steps=200, warmup_steps=10, batch_size=4))
+    """Optimiser, schedule and bookkeeping (edgesmith.trainloop.TrainConfig)."""
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise ConfigError("loss", f"expected one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.temperature <= 0:
+            raise ConfigError("temperature", f"expected > 0, got {self.temperature}")
+        if not 0 <= self.ce_weight <= 1:
+            raise ConfigError("ce_weight", f"expected a weight in [0, 1], got {self.ce_weight}")
+        if self.hidden_weight < 0:
+            raise ConfigError("hidden_weight", f"expected >= 0, got {self.hidden_weight}")
+        if self.hidden_loss not in HIDDEN_LOSSES:
+            raise ConfigError("hidden_loss", f"expected one of {', '.join(HIDDEN_LOSSES)}, got {self.hidden_loss!r}")
+        for i, p in enumerate(self.layer_pairs):
+            a, _, b = str(p).partition(":")
+            if not (a.strip().lstrip("-").isdigit() and b.strip().lstrip("-").isdigit()):
+                raise ConfigError(f"layer_pairs[{i}]", f"expected STUDENT:TEACHER layer indices like 15:30, got {p!r}")
+        if self.chunk_size < 1:
+            raise ConfigError("chunk_size", f"expected >= 1, got {self.chunk_size}")
+        if self.cache_teacher_topk < 0:
+            raise ConfigError("cache_teacher_topk", f"expected >= 0, got {self.cache_teacher_topk}")
+        if self.max_length < 8:
+            raise ConfigError("max_length", f"expected >= 8, got {self.max_length}")
+
+
+# ---------------------------------------------------------------- checks and helpers
+
+
+def check_same_vocab(t_tok, s_tok, teacher: str, student: str) -> None:
+    """Logit distillation compares distributions id by id: both tokenizers must map the same strings to the same ids."""
+    tv, sv = t_tok.get_vocab(), s_tok.get_vocab()
+    if tv == sv:
+        return
+    diff = sorted(set(tv.items()) ^ set(sv.items()), key=lambda kv: kv[1])[:1]
+    example = f"; first difference: {diff[0][0]!r} -> id {diff[0][1]}" if diff else ""
+    raise EdgesmithError(
+        f"teacher {teacher} ({len(tv)} tokens) and student {student} ({len(sv)} tokens) do not share a vocabulary"
+        f"{example}: logit distillation needs the same tokenizer"
+    )
+
+
+def _unwrap(model):
+    """The bare transformers model under DDP / peft wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+def model_fingerprint(path: Path) -> str:
+    from edgesmith.fsutil import quick_fingerprint
+
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+        h.update(quick_fingerprint(f).encode())
+    return h.hexdigest()[:16]
+
+
+def default_layer_pairs(n_student: int, n_teacher: int) -> list[tuple[int, int]]:
+    """Middle and last block outputs (hidden_states indices; the last one is after the final norm)."""
+    return [(n_student // 2, n_teacher // 2), (n_student, n_teacher)]
+
+
+def parse_pairs(pairs: list[str], n_student: int, n_teacher: int) -> list[tuple[int, int]]:
+    out = []
+    for p in pairs:
+        a, b = (int(x) for x in str(p).split(":"))
+        a = a % (n_student + 1) if a < 0 else a
+        b = b % (n_teacher + 1) if b < 0 else b
+        if not (0 <= a <= n_student and 0 <= b <= n_teacher):
+            raise EdgesmithError(f"layer_pairs: {p} out of range (student has {n_student} layers, teacher {n_teacher}; indices 0..N)")
+        out.append((a, b))
+    return out
+
+
+# ---------------------------------------------------------------- teacher top-k cache
+
+
+def build_topk_cache(teacher, examples: list[dict], k: int, key: str, pad_id: int, batch_size: int = 8) -> Path:
+    """Run the teacher once over `examples`; store top-k log-probs of every trained position.
+
+    Layout (numpy, memory-mapped at training time): idx.npy int32 [R, k], logp.npy float16 [R, k],
+    offsets.npy int64 [E+1] (rows of example e are offsets[e]:offsets[e+1], in position order).
+    """
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from edgesmith.fsutil import atomic_dir, cache_dir, write_json
+    from edgesmith.trainloop import collate
+
+    dest = cache_dir() / "teacher-topk" / key
+    if (dest / "meta.json").is_file():
+        return dest
+    idx_rows, logp_rows, offsets = [], [], [0]
+    head = _unwrap(teacher).get_output_embeddings()
+    with torch.no_grad():
+        for s in range(0, len(examples), batch_size):
+            b = {k: v.to(head.weight.device) for k, v in collate(examples[s:s + batch_size], pad_id).items()}
+            out = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True, logits_to_keep=1)
+            h = out.hidden_states[-1][:, :-1]            # [B, L-1, H]
+            m = b["labels"][:, 1:] != IGNORE             # [B, L-1]
+            for e in range(h.shape[0]):
+                rows = h[e][m[e]]                        # [n_e, H]
+                for c in range(0, rows.shape[0], 256):
+                    logp = F.log_softmax(head(rows[c:c + 256]).float(), -1)  # [c, V]
+                    v, i = logp.topk(k, dim=-1)
+                    idx_rows.append(i.to(torch.int32).cpu().numpy())
+                    logp_rows.append(v.to(torch.float16).cpu().numpy())
+                offsets.append(offsets[-1] + rows.shape[0])
+    with atomic_dir(dest) as tmp:
+        np.save(tmp / "idx.npy", np.concatenate(idx_rows) if idx_rows else np.zeros((0, k), np.int32))
+        np.save(tmp / "logp.npy", np.concatenate(logp_rows) if logp_rows else np.zeros((0, k), np.float16))
+        np.save(tmp / "offsets.npy", np.asarray(offsets, dtype=np.int64))
+        write_json(tmp / "meta.json", {"k": k, "examples": len(examples), "rows": offsets[-1]})
+    return dest
+
+
+class TopkCache:
+    def __init__(self, path: Path):
+        import numpy as np
+
+        self.idx = np.load(path / "idx.npy", mmap_mode="r")
+        self.logp = np.load(path / "logp.npy", mmap_mode="r")
+        self.offsets = np.load(path / "offsets.npy")
+
+    def rows(self, example_ids, device):
+        """Concatenated rows of these examples (batch order) -> (idx [R, k] long, logp [R, k] float)."""
+        import numpy as np
+        import torch
+
+        sl = [slice(int(self.offsets[e]), int(self.offsets[e + 1])) for e in example_ids]
+        idx = torch.from_numpy(np.concatenate([self.idx[s] for s in sl]).astype(np.int64)).to(device)
+        logp = torch.from_numpy(np.concatenate([self.logp[s] for s in sl]).astype(np.float32)).to(device)
+        return idx, logp
+
+
+# ---------------------------------------------------------------- the loss over one batch
+
+
+def make_loss_fn(teacher, cfg: DistillConfig, pairs: list[tuple[int, int]], proj=None, cache: TopkCache | None = None):
+    """loss_fn(student, batch) -> (loss_sum over label positions, n_label_positions) for the shared loop."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    T, kind = cfg.temperature, cfg.loss
+    t_head = _unwrap(teacher).get_output_embeddings()
+
+    def chunk_loss(s_rows, t_rows, t_idx, t_logp, labels, s_head):
+        # s_rows [C, Hs] student final hidden; t_rows [C, Ht] teacher final hidden (or None with a cache)
+        s_logits = s_head(s_rows)                                    # [C, V]
+        if t_idx is not None:
+            kd = kd_loss_topk(s_logits, t_idx, t_logp, T, kind)      # [C]
+        else:
+            with torch.no_grad():
+                t_logits = t_head(t_rows)                            # [C, V]
+            kd = kd_loss_full(s_logits, t_logits, T, kind)           # [C]
+        loss = (1 - cfg.ce_weight) * kd.sum()
+        if cfg.ce_weight:
+            loss = loss + cfg.ce_weight * torch.nn.functional.cross_entropy(s_logits.float(), labels, reduction="sum")
+        return loss
+
+    def loss_fn(student, batch):
+        ids, att, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        want_hidden = cfg.hidden_weight > 0
+        s_out = student(input_ids=ids, attention_mask=att, output_hidden_states=True, logits_to_keep=1)
+        s_hs = s_out.hidden_states                                   # tuple of [B, L, Hs]
+        m = labels[:, 1:] != IGNORE                                  # [B, L-1] positions that predict a label
+        s_rows = s_hs[-1][:, :-1][m]                                 # [N, Hs]
+        y = labels[:, 1:][m]                                         # [N]
+        t_hs = None
+        if cache is None or want_hidden:
+            with torch.no_grad():
+                t_hs = teacher(input_ids=ids, attention_mask=att, output_hidden_states=True, logits_to_keep=1).hidden_states
+        t_rows = t_hs[-1][:, :-1][m] if (t_hs is not None and cache is None) else None  # [N, Ht]
+        t_idx = t_logp = None
+        if cache is not None:
+            t_idx, t_logp = cache.rows(batch["index"].tolist(), ids.device)
+            if t_idx.shape[0] != s_rows.shape[0]:
+                raise EdgesmithError("teacher top-k cache does not match the data (delete the cache entry and rerun)")
+        s_head = _unwrap(student).get_output_embeddings()
+        total = s_rows.new_zeros((), dtype=torch.float32)
+        C = cfg.chunk_size
+        for c in range(0, s_rows.shape[0], C):
+            sl = slice(c, c + C)
+            args = (s_rows[sl], None if t_rows is None else t_rows[sl], None if t_idx is None else t_idx[sl],
+                    None if t_logp is None else t_logp[sl], y[sl], s_head)
+            # checkpoint: keep only the [C, H] inputs; the [C, V] logits are recomputed in backward
+            total = total + (checkpoint(chunk_loss, *args, use_reentrant=False) if torch.is_grad_enabled() else chunk_loss(*args))
+        if want_hidden:
+            for j, (a, b) in enumerate(pairs):
+                sh = s_hs[a][:, :-1][m]                              # [N, Hs]
+                th = t_hs[b][:, :-1][m]                              # [N, Ht]
+                if proj is not None and proj[j] is not None and not isinstance(proj[j], torch.nn.Identity):
+                    sh = proj[j](sh)                                 # [N, Ht]
+                total = total + cfg.hidden_weight / len(pairs) * hidden_distance(sh, th, cfg.hidden_loss).sum()
+        return total, int(m.sum())
+
+    return loss_fn
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def load_data(cfg: DistillConfig):
+    """(train_records, val_records, description) for cfg.data."""
+    from edgesmith.trainloop import load_split_records
+
+    if cfg.data.startswith("teacher:"):
+        from .teacher_data import generate_corpus
+
+        try:
+            n = int(cfg.data.split(":", 1)[1])
+        except ValueError:
+            raise EdgesmithError(f"--data {cfg.data}: expected teacher:N with N an integer") from None
+        if n < 1:
+            raise EdgesmithError(f"--data {cfg.data}: N must be >= 1")
+        path = generate_corpus(cfg.teacher, n, max_new_tokens=cfg.teacher_max_new_tokens,
+                               temperature=cfg.teacher_temperature, seed=cfg.train.seed,
+                               batch_size=cfg.teacher_batch_size)
+        tr, va = load_split_records(path, cfg.val_fraction, cfg.train.seed, "messages")
+        return tr, va, {"kind": "teacher", "n": n, "corpus": str(path)}
+    tr, va = load_split_records(cfg.data, cfg.val_fraction, cfg.train.seed, cfg.format)
+    return tr, va, {"kind": "file", "path": cfg.data}
+
+
+def run(cfg: DistillConfig) -> Path:
+    """Distil cfg.teacher into cfg.student; returns the output HF directory."""
+    import torch
+
+    from edgesmith import modelio
+    from edgesmith.fsutil import ensure_writable_dir, write_json
+    from edgesmith.trainloop import encode_records, pack, result_dict, train
+
+    if not cfg.student:
+        raise EdgesmithError("distill: no --student given (an HF directory, e.g. the output of edgesmith prune)")
+    out = ensure_writable_dir(cfg.out)
+    t_path, s_path = modelio.resolve(cfg.teacher), modelio.resolve(cfg.student)
+    t_tok, s_tok = modelio.load_tokenizer(t_path), modelio.load_tokenizer(s_path)
+    check_same_vocab(t_tok, s_tok, cfg.teacher, cfg.student)
+    torch.manual_seed(cfg.train.seed)
+    from accelerate import PartialState
+
+    device = PartialState().device  # this process's GPU under accelerate launch, else cpu
+    teacher = modelio.load_model(t_path, dtype="float32", device=str(device)).eval().requires_grad_(False)
+    student = modelio.load_model(s_path, dtype="float32")
+    if teacher.get_output_embeddings().weight.shape[0] != student.get_output_embeddings().weight.shape[0]:
+        raise EdgesmithError(f"teacher and student output layers differ in vocabulary size "
+                             f"({teacher.get_output_embeddings().weight.shape[0]} vs {student.get_output_embeddings().weight.shape[0]})")
+
+    train_recs, val_recs, data_info = load_data(cfg)
+    # packing cuts the concatenated stream into blocks, so nothing is truncated per example
+    enc_len = 1 << 30 if cfg.packing else cfg.max_length
+    train_ex, tr_counts = encode_records(train_recs, s_tok, enc_len, cfg.assistant_only)
+    val_ex, va_counts = encode_records(val_recs, s_tok, enc_len, cfg.assistant_only) if val_recs else ([], {})
+    if cfg.packing:
+        train_ex = pack(train_ex, cfg.max_length)
+        val_ex = pack(val_ex, cfg.max_length) if val_ex else []
+    print(f"distill: {len(train_ex)} train / {len(val_ex)} validation examples ({tr_counts['tokens']} train tokens, "
+          f"{tr_counts['truncated']} truncated to {cfg.max_length})")
+    pad_id = s_tok.pad_token_id if s_tok.pad_token_id is not None else s_tok.eos_token_id
+
+    cache = None
+    if cfg.cache_teacher_topk:
+        key = hashlib.sha256(json.dumps([model_fingerprint(t_path), cfg.cache_teacher_topk,
+                                         [e["input_ids"] for e in train_ex], [e["labels"] for e in train_ex]]).encode()).hexdigest()[:20]
+        cache = TopkCache(build_topk_cache(teacher, train_ex, cfg.cache_teacher_topk, key, pad_id))
+
+    n_s, n_t = student.config.num_hidden_layers, teacher.config.num_hidden_layers
+    pairs = parse_pairs(cfg.layer_pairs, n_s, n_t) if cfg.layer_pairs else default_layer_pairs(n_s, n_t)
+    extra, proj = {}, None
+    if cfg.hidden_weight > 0:
+        hs, ht = student.config.hidden_size, teacher.config.hidden_size
+        # a learned projection only where widths differ (hidden-size pruning); identity otherwise
+        proj = torch.nn.ModuleList([torch.nn.Linear(hs, ht, bias=False) if hs != ht else torch.nn.Identity() for _ in pairs])
+        if hs != ht:
+            extra["hidden_proj"] = proj
+
+    if cfg.lora:
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        from edgesmith.finetune.lora import DEFAULT_TARGETS
+
+        student = get_peft_model(student, LoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                                     lora_dropout=0.0, target_modules=DEFAULT_TARGETS))
+    else:
+        student.requires_grad_(True)
+
+    loss_fn = make_loss_fn(teacher, cfg, pairs, proj, cache)
+    # validation always with the live teacher (the cache covers training examples only)
+    val_loss_fn = make_loss_fn(teacher, cfg, pairs, proj, None) if cache is not None else None
+    res = train(student, train_ex, loss_fn, cfg.train, out, pad_id=pad_id, val_examples=val_ex or None,
+                extra_modules=extra, val_loss_fn=val_loss_fn,
+                run_info={"stage": "distill", "teacher": str(t_path), "student": str(s_path)})
+
+    student.eval()
+    if cfg.lora:
+        student = student.merge_and_unload()
+    student.config._name_or_path = f"{modelio.model_name(s_path)}-distilled"
+    tmp = out / ".model-tmp"
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    student.save_pretrained(str(tmp), safe_serialization=True)
+    s_tok.save_pretrained(str(tmp))
+    (tmp / "edgesmith.json").write_text(json.dumps({"name": f"{modelio.model_name(s_path)}-distilled",
+                                                    "source": str(s_path), "teacher": str(t_path)}, indent=2))
+    for f in tmp.iterdir():  # each file renamed into place; the manifest last marks completion
+        f.replace(out / f.name)
+    tmp.rmdir()
+    write_json(out / "distill.json", {
+        "stage": "distill", "teacher": str(t_path), "student": str(s_path), "data": data_info,
+        "examples": {"train": len(train_ex), "validation": len(val_ex), "train_counts": tr_counts, "validation_counts": va_counts},
+        "layer_pairs": [f"{a}:{b}" for a, b in pairs] if cfg.hidden_weight > 0 else [],
+        "teacher_topk_cache": cfg.cache_teacher_topk or None,
+        "result": result_dict(res), "config": to_dict(cfg),
+    })
+    return out

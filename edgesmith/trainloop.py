@@ -1,0 +1,721 @@
+"""The training loop shared by `edgesmith distill` and `edgesmith finetune`.
+
+One function, `train(...)`, read top to bottom: AdamW, cosine schedule with linear warm-up, gradient
+accumulation, clipping, gradient checkpointing, bf16 (GPU) / fp32 or bf16 autocast (CPU), validation
+every N steps with early stopping and the best weights kept, checkpoints every N steps and on
+SIGINT/SIGTERM, `resume` with the same data order, a progress bar, metrics JSONL (+ TensorBoard when
+installed) and a PNG loss curve. Distribution goes through accelerate's `Accelerator`, so the same
+command runs under `accelerate launch` (DDP) unchanged.
+
+Exactness rules that make resume and multi-process runs reproduce a single uninterrupted run:
+- the data order is a pure function of (seed, epoch): `batch_indices(step)` never depends on history;
+- a global batch is `batch_size * world_size * grad_accum` examples; rank r takes its own slice;
+- the loss is a token-weighted *sum* divided by the token count of the whole global batch (all-reduced),
+  times world_size to undo DDP's gradient averaging: so the gradient equals the single-process one.
+
+The stage supplies `loss_fn(model, batch) -> (loss_sum, n_tokens)` and a list of examples
+(`{"input_ids": [...], "labels": [...]}` plus anything its loss needs).
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import to_dict
+from .errors import ConfigError, EdgesmithError
+from .fsutil import atomic_dir, atomic_open, atomic_path, ensure_writable_dir, write_json
+
+IGNORE = -100  # label of tokens that carry no loss (prompt, padding)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser, schedule and bookkeeping of one training run (shared by distill and finetune)."""
+
+    lr: float = 2e-4
+    """Peak learning rate of AdamW (after warm-up)."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    warmup_steps: int = 10
+    """Linear warm-up steps before the cosine decay."""
+    min_lr_ratio: float = 0.1
+    """The cosine schedule decays to lr * min_lr_ratio at max_steps."""
+    max_steps: int = 100
+    """Optimizer steps to run (the cosine schedule spans them)."""
+    time_budget: str = ""
+    """Stop after this much wall-clock training time, e.g. 15m, 900s, 1h (empty: no limit)."""
+    batch_size: int = 4
+    """Examples per micro-batch per process."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step (global batch = batch_size * processes * grad_accum)."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (0 disables clipping)."""
+    grad_checkpointing: bool = False
+    """Recompute activations in backward: less memory, ~30% slower."""
+    seed: int = 0
+    """Seed for initialisation, dropout and the data order."""
+    precision: str = "auto"
+    """auto (bf16 on GPU, fp16 where bf16 is missing, fp32 on CPU), fp32, bf16 (autocast; ~1.6x faster on this CPU) or fp16 (GPU only)."""
+    eval_every: int = 0
+    """Validation loss every N steps (0: only at the end when validation data exists)."""
+    eval_batches: int = 0
+    """Validation micro-batches per evaluation (0: the whole validation set)."""
+    early_stopping: int = 0
+    """Stop after this many evaluations without improvement (0 disables)."""
+    keep_best: bool = True
+    """Finish with the weights of the best validation loss instead of the last ones."""
+    save_every: int = 0
+    """Write a resumable checkpoint every N steps (0: only on SIGINT/SIGTERM)."""
+    resume: bool = False
+    """Continue from OUT/checkpoint with the same data order."""
+    log_every: int = 1
+    """Metrics line (JSONL) every N steps."""
+    progress: bool = True
+    """Show a progress bar with loss, learning rate and tokens/s."""
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ConfigError("lr", f"expected a positive learning rate, got {self.lr}")
+        if self.max_steps < 1:
+            raise ConfigError("max_steps", f"expected >= 1, got {self.max_steps}")
+        for k in ("batch_size", "grad_accum", "log_every"):
+            if getattr(self, k) < 1:
+                raise ConfigError(k, f"expected >= 1, got {getattr(self, k)}")
+        for k in ("warmup_steps", "eval_every", "eval_batches", "early_stopping", "save_every"):
+            if getattr(self, k) < 0:
+                raise ConfigError(k, f"expected >= 0, got {getattr(self, k)}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("min_lr_ratio", f"expected a ratio in [0, 1], got {self.min_lr_ratio}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError("precision", f"expected one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.time_budget:
+            try:
+                parse_duration(self.time_budget)
+            except ValueError as e:
+                raise ConfigError("time_budget", str(e)) from None
+
+
+# ---------------------------------------------------------------- small pure helpers
+
+
+def parse_duration(text: str | int | float) -> float:
+    """'15m' -> 900.0, '90s' / '90' -> 90.0, '1h30m' -> 5400.0 seconds."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    s = str(text).strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", s):
+        return float(s)
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([hms])", s)
+    if not parts or re.sub(r"\s", "", s) != "".join(a + b for a, b in parts):
+        raise ValueError(f"expected a duration like 15m, 900s or 1h, got {text!r}")
+    return sum(float(a) * {"h": 3600, "m": 60, "s": 1}[b] for a, b in parts)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate multiplier for optimizer step `step` (0-based): linear warm-up, cosine decay."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The example order of one epoch: a pure function of (seed, epoch), so resume sees the same data."""
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+def global_batch_indices(n: int, step: int, micro: int, global_micro: int, grad_accum: int, seed: int) -> list[int]:
+    """Example indices of micro-step `micro` of optimizer step `step` (all ranks together).
+
+    The stream is the concatenation of epoch orders; global batch g covers positions
+    [g * global_micro * grad_accum, ...). Returns global_micro indices.
+    """
+    start = (step * grad_accum + micro) * global_micro
+    out = []
+    for pos in range(start, start + global_micro):
+        epoch, i = divmod(pos, n)
+        out.append(epoch_order(n, seed, epoch)[i])
+    return out
+
+
+def collate(examples: list[dict], pad_id: int) -> dict:
+    """Right-pad a list of {"input_ids", "labels", ...} to the longest; labels padded with IGNORE.
+
+    -> input_ids [B, L] long, labels [B, L] long, attention_mask [B, L] long, plus `index` [B].
+    """
+    import torch
+
+    L = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), L), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), L), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), L), dtype=torch.long)
+    for b, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[b, :n] = torch.tensor(e["input_ids"])
+        labels[b, :n] = torch.tensor(e["labels"])
+        mask[b, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask,
+            "index": torch.tensor([e.get("index", -1) for e in examples])}
+
+
+def pack(examples: list[dict], seq_len: int, eos_id: int | None = None) -> list[dict]:
+    """Concatenate examples (input_ids + labels) into blocks of exactly seq_len tokens.
+
+    Documents attend across their boundaries inside a block (plain packing, as in most recipes);
+    the first label of each document is masked so no token is predicted across a boundary.
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    for e in examples:
+        lab = list(e["labels"])
+        if ids and lab:
+            lab[0] = IGNORE
+        ids += list(e["input_ids"])
+        labels += lab
+    blocks = []
+    for s in range(0, len(ids) - seq_len + 1, seq_len):
+        blocks.append({"input_ids": ids[s:s + seq_len], "labels": labels[s:s + seq_len]})
+    rest = len(ids) % seq_len
+    if rest > 1:
+        blocks.append({"input_ids": ids[-rest:], "labels": labels[-rest:]})
+    for i, b in enumerate(blocks):
+        b["index"] = i
+    return blocks
+
+
+def causal_lm_loss_sum(logits, labels):
+    """Next-token cross-entropy summed over tokens. logits [B, L, V], labels [B, L] -> (sum, n_tokens)."""
+    import torch.nn.functional as F
+
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # [B*(L-1), V]
+    shift_labels = labels[:, 1:].reshape(-1)                             # [B*(L-1)]
+    loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE, reduction="sum")
+    return loss, int((shift_labels != IGNORE).sum())
+
+
+# ---------------------------------------------------------------- results of a run
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    """Optimizer steps completed."""
+    stopped: str
+    """max_steps, time_budget, early_stopping or interrupted."""
+    train_loss: float
+    """Mean loss (per token) of the last logged step."""
+    best_val_loss: float | None
+    first_val_loss: float | None
+    last_val_loss: float | None
+    tokens: int
+    seconds: float
+    precision: str
+    world_size: int
+    trainable_params: int = 0
+
+
+def _autocast_dtype(cfg: TrainConfig, device_type: str):
+    """Mixed-precision choice for accelerate: 'no' | 'bf16' | 'fp16'."""
+    import torch
+
+    p = cfg.precision
+    if p == "auto":
+        if device_type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "no"
+    if p == "fp16" and device_type != "cuda":
+        raise EdgesmithError("precision fp16 needs a CUDA GPU (use bf16 or fp32 on CPU)")
+    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[p]
+
+
+def _trainable_state(model, extra_modules: dict) -> dict:
+    """Trainable tensors only (LoRA adapters stay small, full fine-tuning saves everything)."""
+    out = {f"model.{n}": p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    for key, mod in extra_modules.items():
+        out.update({f"{key}.{n}": p.detach().cpu().clone() for n, p in mod.named_parameters()})
+    return out
+
+
+def _load_trainable_state(model, extra_modules: dict, state: dict) -> None:
+    import torch
+
+    params = {f"model.{n}": p for n, p in model.named_parameters() if p.requires_grad}
+    for key, mod in extra_modules.items():
+        params.update({f"{key}.{n}": p for n, p in mod.named_parameters()})
+    missing = set(params) - set(state)
+    if missing:
+        raise EdgesmithError(f"checkpoint does not match the model (missing {sorted(missing)[:3]} ...)")
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(state[k].to(p.device, p.dtype))
+
+
+def _plot(metrics: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tr = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
+    va = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    if tr:
+        ax.plot(*zip(*tr), label="train", lw=1)
+    if va:
+        ax.plot(*zip(*va), "o-", label="validation", lw=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def train(
+    model,
+    train_examples: list[dict],
+    loss_fn: Callable[[Any, dict], tuple[Any, int]],
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    pad_id: int,
+    val_examples: list[dict] | None = None,
+    extra_modules: dict | None = None,
+    val_loss_fn: Callable[[Any, dict], tuple[Any, int]] | None = None,
+    run_info: dict | None = None,
+) -> TrainResult:
+    """Train `model` (and `extra_modules`, e.g. a hidden-state projection) in place.
+
+    loss_fn(model, batch) -> (loss_sum scalar tensor, n_tokens int) for one micro-batch (a `collate`d
+    dict on the right device). Writes OUT/metrics.jsonl, OUT/loss.png and OUT/checkpoint/ (resumable).
+    On return the model holds the best-validation weights when cfg.keep_best and validation ran.
+    """
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    out = ensure_writable_dir(out_dir)
+    extra_modules = extra_modules or {}
+    val_loss_fn = val_loss_fn or loss_fn
+    if not train_examples:
+        raise EdgesmithError("no training examples")
+
+    from accelerate.state import AcceleratorState
+
+    cpu = not torch.cuda.is_available()
+    # a second run in the same process may use another precision: forget the previous run's settings
+    # (the process group of `accelerate launch`, kept in PartialState, stays)
+    AcceleratorState._reset_state(reset_partial_state=False)
+    acc = Accelerator(cpu=cpu, mixed_precision=_autocast_dtype(cfg, "cpu" if cpu else "cuda"))
+    world, rank, main = acc.num_processes, acc.process_index, acc.is_main_process
+    set_seed(cfg.seed)
+    if cfg.grad_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+        model.config.use_cache = False
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    for mod in extra_modules.values():
+        params += list(mod.parameters())
+    if not params:
+        raise EdgesmithError("nothing to train: the model has no trainable parameters")
+    n_trainable = sum(p.numel() for p in params)
+    # decay only matrices (not norms/biases), as usual for transformers
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg))
+    wrapped = acc.prepare(model, *extra_modules.values())
+    wrapped = list(wrapped) if extra_modules else [wrapped]
+    model, extra_wrapped = wrapped[0], dict(zip(extra_modules, wrapped[1:]))
+    raw_model = acc.unwrap_model(model)
+    device = acc.device
+
+    ckpt_dir = out / "checkpoint"
+    metrics_path = out / "metrics.jsonl"
+    best_path = out / "checkpoint-best.pt"
+    step, best_val, first_val, last_val, bad_evals, tokens_seen, elapsed_before = 0, None, None, None, 0, 0, 0.0
+    metrics: list[dict] = []
+    if cfg.resume:
+        state_file = ckpt_dir / "state.pt"
+        if not state_file.is_file():
+            raise EdgesmithError(f"{ckpt_dir}: no checkpoint to resume from (run without --resume first)")
+        st = torch.load(state_file, map_location="cpu", weights_only=False)
+        _load_trainable_state(raw_model, {k: acc.unwrap_model(m) for k, m in extra_wrapped.items()}, st["weights"])
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        step, best_val, first_val, last_val = st["step"], st["best_val"], st["first_val"], st["last_val"]
+        bad_evals, tokens_seen, elapsed_before = st["bad_evals"], st["tokens"], st["elapsed"]
+        torch.set_rng_state(st["rng_torch"])
+        random.setstate(st["rng_python"])
+        if metrics_path.is_file():
+            metrics = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
+            metrics = [m for m in metrics if m.get("step", 0) <= step]
+        if st.get("world_size", 1) * st.get("batch_size", cfg.batch_size) != world * cfg.batch_size:
+            raise EdgesmithError(f"{ckpt_dir}: saved with a different global batch; resume with the same batch_size/processes")
+
+    def save_checkpoint() -> None:
+        if not main:
+            return
+        st = {
+            "weights": _trainable_state(raw_model, {k: acc.unwrap_model(m) for k, m in extra_wrapped.items()}),
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
+            "best_val": best_val, "first_val": first_val, "last_val": last_val, "bad_evals": bad_evals,
+            "tokens": tokens_seen, "elapsed": elapsed_before + (time.time() - t0),
+            "rng_torch": torch.get_rng_state(), "rng_python": random.getstate(),
+            "world_size": world, "batch_size": cfg.batch_size, "config": to_dict(cfg),
+        }
+        with atomic_dir(ckpt_dir) as tmp:
+            torch.save(st, tmp / "state.pt")
+            write_json(tmp / "info.json", {"step": step, "run": run_info or {}})
+        write_metrics()
+
+    def write_metrics() -> None:
+        if not main:
+            return
+        with atomic_open(metrics_path) as f:
+            for m in metrics:
+                f.write(json.dumps(m) + "\n")
+
+    def batch_on_device(examples: list[dict]) -> dict:
+        b = collate(examples, pad_id)
+        return {k: v.to(device) for k, v in b.items()}
+
+    def evaluate() -> float:
+        model.eval()
+        total, count = torch.zeros((), device=device), torch.zeros((), device=device)
+        n = len(val_examples)
+        per = cfg.batch_size * world
+        n_batches = math.ceil(n / per)
+        if cfg.eval_batches:
+            n_batches = min(n_batches, cfg.eval_batches)
+        with torch.no_grad(), acc.autocast():
+            for bi in range(n_batches):
+                idx = list(range(bi * per, min(n, (bi + 1) * per)))[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
+                if not idx:
+                    continue
+                loss_sum, ntok = val_loss_fn(model, batch_on_device([val_examples[i] for i in idx]))
+                total += loss_sum.float()
+                count += ntok
+        total, count = acc.reduce(total, "sum"), acc.reduce(count, "sum")
+        model.train()
+        return float(total / count.clamp(min=1))
+
+    # SIGINT/SIGTERM: finish the current step, checkpoint, stop.
+    stop_signal: list[int] = []
+    old_handlers = {}
+
+    def on_signal(signum, frame):  # noqa: ARG001
+        stop_signal.append(signum)
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        try:
+            old_handlers[s] = signal.signal(s, on_signal)
+        except ValueError:  # not in the main thread
+            pass
+
+    writer = None
+    if main:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(out / "tensorboard"))
+        except Exception:  # noqa: BLE001 - tensorboard not installed: JSONL only
+            writer = None
+
+    budget = parse_duration(cfg.time_budget) if cfg.time_budget else None
+    n = len(train_examples)
+    global_micro = cfg.batch_size * world
+    bar = None
+    if main and cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    if val_examples and step == 0:  # the baseline: "validation loss decreases" needs a starting point
+        first_val = last_val = evaluate()
+        metrics.append({"step": 0, "val_loss": round(first_val, 6)})
+    model.train()
+    t0 = time.time()  # the time budget counts training, not the baseline evaluation
+    stopped = "max_steps"
+    last_loss = float("nan")
+    tok_window = (time.time(), tokens_seen)
+    try:
+        while step < cfg.max_steps:
+            if budget is not None and elapsed_before + (time.time() - t0) >= budget:
+                stopped = "time_budget"
+                break
+            if stop_signal:
+                stopped = "interrupted"
+                break
+            micro_batches = []
+            for micro in range(cfg.grad_accum):
+                idx = global_batch_indices(n, step, micro, global_micro, cfg.grad_accum, cfg.seed)
+                micro_batches.append(batch_on_device([train_examples[i] for i in idx[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]]))
+            # tokens carrying loss in the whole global batch (all ranks, all micro-batches)
+            local_tok = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches)
+            global_tok = int(acc.reduce(torch.tensor(local_tok, device=device), "sum"))
+            step_loss = torch.zeros((), device=device)
+            for mi, b in enumerate(micro_batches):
+                sync = mi == len(micro_batches) - 1
+                ctx = acc.no_sync(model) if (not sync and world > 1) else _nullctx()
+                with ctx, acc.autocast():
+                    loss_sum, _ = loss_fn(model, b)
+                    loss = loss_sum.float() * world / max(global_tok, 1)
+                acc.backward(loss)
+                step_loss += loss.detach() / world
+            if cfg.max_grad_norm > 0:
+                acc.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += int(acc.reduce(torch.tensor(sum(int(b["attention_mask"].sum()) for b in micro_batches), device=device), "sum"))
+            last_loss = float(acc.reduce(step_loss, "sum"))
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                now = time.time()
+                tps = (tokens_seen - tok_window[1]) / max(now - tok_window[0], 1e-9)
+                tok_window = (now, tokens_seen)
+                m = {"step": step, "loss": round(last_loss, 6), "lr": sched.get_last_lr()[0], "tokens": tokens_seen,
+                     "tok_per_s": round(tps, 1), "elapsed_s": round(elapsed_before + now - t0, 2)}
+                metrics.append(m)
+                if writer:
+                    writer.add_scalar("train/loss", last_loss, step)
+                    writer.add_scalar("train/lr", m["lr"], step)
+                if bar:
+                    bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{m['lr']:.2e}", tok_s=f"{tps:.0f}")
+            if bar:
+                bar.update(1)
+            if val_examples and cfg.eval_every and step % cfg.eval_every == 0:
+                v = evaluate()
+                first_val = v if first_val is None else first_val
+                last_val = v
+                metrics.append({"step": step, "val_loss": round(v, 6)})
+                if writer:
+                    writer.add_scalar("val/loss", v, step)
+                if best_val is None or v < best_val - 1e-6:
+                    best_val, bad_evals = v, 0
+                    if main and cfg.keep_best:
+                        torch.save(_trainable_state(raw_model, {k: acc.unwrap_model(m) for k, m in extra_wrapped.items()}), best_path)
+                else:
+                    bad_evals += 1
+                    if cfg.early_stopping and bad_evals >= cfg.early_stopping:
+                        stopped = "early_stopping"
+                        break
+            if cfg.save_every and step % cfg.save_every == 0:
+                save_checkpoint()
+                acc.wait_for_everyone()
+        else:
+            stopped = "max_steps"
+        if stop_signal and stopped == "max_steps" and step < cfg.max_steps:
+            stopped = "interrupted"
+        # final validation if it has not just run
+        if val_examples and stopped != "interrupted" and not (cfg.eval_every and step % cfg.eval_every == 0 and metrics and "val_loss" in metrics[-1]):
+            v = evaluate()
+            first_val = v if first_val is None else first_val
+            last_val = v
+            metrics.append({"step": step, "val_loss": round(v, 6)})
+            if best_val is None or v < best_val - 1e-6:
+                best_val = v
+                if main and cfg.keep_best:
+                    torch.save(_trainable_state(raw_model, {k: acc.unwrap_model(m) for k, m in extra_wrapped.items()}), best_path)
+        if cfg.save_every or stopped == "interrupted":
+            save_checkpoint()  # a finished run keeps no optimizer state unless checkpoints were asked for
+        acc.wait_for_everyone()
+    finally:
+        if bar:
+            bar.close()
+        if writer:
+            writer.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+    if stopped == "interrupted":
+        write_metrics()
+        raise KeyboardInterrupt(f"interrupted at step {step}; checkpoint saved in {ckpt_dir} (continue with --resume)")
+    if cfg.keep_best and val_examples and best_path.is_file():
+        _load_trainable_state(raw_model, {k: acc.unwrap_model(m) for k, m in extra_wrapped.items()},
+                              torch.load(best_path, map_location="cpu", weights_only=False))
+    acc.wait_for_everyone()
+    if main and best_path.is_file():
+        best_path.unlink()
+    if main and metrics:
+        write_metrics()
+        try:
+            _plot(metrics, out / "loss.png")
+        except Exception as e:  # noqa: BLE001 - a plot must never fail a finished run
+            print(f"warning: loss curve not written ({type(e).__name__}: {e})")
+    return TrainResult(steps=step, stopped=stopped, train_loss=last_loss, best_val_loss=best_val,
+                       first_val_loss=first_val, last_val_loss=last_val, tokens=tokens_seen,
+                       seconds=round(elapsed_before + time.time() - t0, 2), precision=acc.mixed_precision,
+                       world_size=world, trainable_params=n_trainable)
+
+
+class _nullctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def result_dict(res: TrainResult) -> dict:
+    return {k: getattr(res, k) for k in TrainResult.__dataclass_fields__}
+
+
+# ---------------------------------------------------------------- data -> examples (shared by both stages)
+
+
+def assistant_spans(record: dict, tokenizer) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant turns (content + end-of-turn).
+
+    Each assistant turn i spans from the end of render(messages[:i], add_generation_prompt=True) to the
+    end of render(messages[:i+1]) (trailing whitespace excluded): the chat template decides where the
+    answer starts, so the prompt and the role header carry no loss.
+    """
+    from .data import render
+
+    text = render(record, tokenizer)
+    msgs = record["messages"]
+    spans = []
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        head = render({**record, "messages": msgs[:i]}, tokenizer, add_generation_prompt=True) if i else None
+        upto = render({**record, "messages": msgs[:i + 1]}, tokenizer).rstrip()
+        if head is None or not text.startswith(upto) or not upto.startswith(head):
+            # template is not prefix-stable (e.g. it rewrites earlier turns): fall back to the content itself
+            start = text.rfind(m["content"])
+            if start < 0:
+                raise EdgesmithError("cannot locate an assistant turn in the rendered chat template")
+            spans.append((start, start + len(m["content"])))
+            continue
+        spans.append((len(head), len(upto)))
+    return text, spans
+
+
+def encode_record(record: dict, tokenizer, max_length: int, assistant_only: bool = True) -> tuple[dict, bool]:
+    """One record -> ({"input_ids", "labels"}, truncated?).
+
+    Conversations: rendered with the chat template; with assistant_only the labels are IGNORE except on
+    tokens whose first character lies inside an assistant span. Plain text: every token is a label.
+    """
+    if "text" in record and "messages" not in record:
+        text, spans = record["text"], None
+    elif assistant_only:
+        text, spans = assistant_spans(record, tokenizer)
+    else:
+        from .data import render
+
+        text, spans = render(record, tokenizer), None
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=spans is not None)
+    ids = list(enc["input_ids"])
+    if spans is None:
+        labels = list(ids)
+    else:
+        labels = [t if any(a <= s < b for a, b in spans) else IGNORE for t, (s, _e) in zip(ids, enc["offset_mapping"])]
+    truncated = len(ids) > max_length
+    return {"input_ids": ids[:max_length], "labels": labels[:max_length]}, truncated
+
+
+def encode_records(records: list[dict], tokenizer, max_length: int, assistant_only: bool = True) -> tuple[list[dict], dict]:
+    """Encode many records; drops those left with no label at all. Returns (examples, counts)."""
+    out, counts = [], {"records": len(records), "truncated": 0, "no_labels": 0, "tokens": 0, "label_tokens": 0}
+    for r in records:
+        ex, trunc = encode_record(r, tokenizer, max_length, assistant_only)
+        counts["truncated"] += int(trunc)
+        n_lab = sum(1 for x in ex["labels"][1:] if x != IGNORE)
+        if n_lab == 0:
+            counts["no_labels"] += 1
+            continue
+        counts["tokens"] += len(ex["input_ids"])
+        counts["label_tokens"] += n_lab
+        ex["index"] = len(out)
+        out.append(ex)
+    return out, counts
+
+
+def load_split_records(spec: str | Path, val_fraction: float = 0.05, seed: int = 0, fmt: str = "auto",
+                       columns: str | None = None, skip_bad: bool = False) -> tuple[list[dict], list[dict]]:
+    """(train_records, validation_records) from a prepared split directory (train.jsonl, validation.jsonl
+    from `edgesmith data prepare`) or any single file `edgesmith data` reads (a seeded val_fraction is held out)."""
+    from .data import read_records
+
+    p = Path(spec)
+    if p.is_dir() and (p / "train.jsonl").is_file():
+        train_recs, _ = read_records(p / "train.jsonl", fmt, columns, skip_bad)
+        val_recs: list[dict] = []
+        if (p / "validation.jsonl").is_file() and (p / "validation.jsonl").stat().st_size > 0:
+            val_recs, _ = read_records(p / "validation.jsonl", fmt, columns, skip_bad)
+        return [_strip(r) for r in train_recs], [_strip(r) for r in val_recs]
+    recs, _ = read_records(p, fmt, columns, skip_bad)
+    recs = [_strip(r) for r in recs]
+    order = list(range(len(recs)))
+    random.Random(seed).shuffle(order)
+    n_val = int(round(val_fraction * len(recs))) if len(recs) >= 20 else 0
+    return [recs[i] for i in order[n_val:]], [recs[i] for i in order[:n_val]]
+
+
+def _strip(rec: dict) -> dict:
+    """Keep only the record keys (prepared rows also carry text/n_tokens/source)."""
+    if "messages" in rec:
+        return {k: rec[k] for k in ("messages", "tools") if k in rec}
+    return {"text": rec["text"]}
+
+
+# ---------------------------------------------------------------- CLI glue (stage config + TrainConfig flags)
+
+
+def add_stage_args(parser, cls: type) -> None:
+    """--recipe, --set, the stage's own fields and the TrainConfig fields as flags."""
+    from .config import add_dataclass_args
+
+    parser.add_argument("--recipe", default=None, help="YAML recipe with the same keys (flags override it)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any recipe key, e.g. --set train.lr=1e-4 (repeatable)")
+    add_dataclass_args(parser, cls, skip=("train",))
+    group = parser.add_argument_group("training loop")
+    add_dataclass_args(group, TrainConfig)
+
+
+def config_from_args(cls: type, args, given: dict | None = None):
+    """Recipe < flags < --set overrides -> validated `cls` (errors name the recipe file and key)."""
+    from .config import apply_overrides, args_to_overrides, from_dict, load_yaml
+
+    import dataclasses
+
+    data = load_yaml(args.recipe) if getattr(args, "recipe", None) else {}
+    # the stage's own loop defaults (e.g. distill's lr) stay in force under a partial `train:` mapping
+    train_field = next((f for f in dataclasses.fields(cls) if f.name == "train"), None)
+    if train_field is not None and train_field.default_factory is not dataclasses.MISSING:
+        base_train = to_dict(train_field.default_factory())
+        if isinstance(data.get("train"), dict) or "train" not in data:
+            data["train"] = {**base_train, **(data.get("train") or {})}
+    data.update({k: v for k, v in (given or {}).items() if v is not None})
+    data.update(args_to_overrides(args, cls, skip=("train",)))
+    train_flags = args_to_overrides(args, TrainConfig)
+    if train_flags:
+        data["train"] = {**(data.get("train") or {}), **train_flags}
+    data = apply_overrides(data, getattr(args, "overrides", []) or [])
+    try:
+        return from_dict(cls, data)
+    except ConfigError as e:
+        if getattr(args, "recipe", None):
+            raise EdgesmithError(f"{args.recipe}: {e}") from None
+        raise

@@ -1,0 +1,201 @@
+"""edgesmith distill: the divergences, chunked == unchunked (values and gradients), the top-k cache, the
+vocabulary check, the teacher-generated corpus, and end-to-end runs on tiny models (full and LoRA,
+different widths with a learned hidden-state projection)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from edgesmith.errors import ConfigError, EdgesmithError
+
+
+def _logits(n=5, v=11, seed=0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, v, generator=g) * 2
+
+
+def test_divergences_match_definitions():
+    import torch
+    import torch.nn.functional as F
+
+    from edgesmith.distill.distill import LOSSES, js_divergence, kd_loss_full, kl_forward, kl_reverse
+
+    s, t = _logits(seed=0), _logits(seed=1)
+    sl, tl = F.log_softmax(s, -1), F.log_softmax(t, -1)
+    ref = F.kl_div(sl, tl, log_target=True, reduction="none").sum(-1)  # KL(t || s)
+    assert torch.allclose(kl_forward(sl, tl), ref, atol=1e-6)
+    assert torch.allclose(kl_reverse(sl, tl), kl_forward(tl, sl), atol=1e-6)
+    js = js_divergence(sl, tl)
+    assert torch.allclose(js, js_divergence(tl, sl), atol=1e-6)           # symmetric
+    assert bool((js >= 0).all()) and bool((js <= math.log(2) + 1e-6).all())  # bounded by log 2
+    for kind in LOSSES:
+        assert torch.allclose(kd_loss_full(s, s.clone(), 2.0, kind), torch.zeros(5), atol=1e-6)  # zero at equality
+    # temperature: T² · KL(softmax(t/T) || softmax(s/T))
+    T = 3.0
+    manual = F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), log_target=True, reduction="none").sum(-1) * T * T
+    assert torch.allclose(kd_loss_full(s, t, T, "forward_kl"), manual, atol=1e-5)
+
+
+def test_topk_with_full_support_equals_full_loss():
+    import torch
+    import torch.nn.functional as F
+
+    from edgesmith.distill.distill import LOSSES, kd_loss_full, kd_loss_topk
+
+    s, t = _logits(seed=2), _logits(seed=3)
+    v, i = F.log_softmax(t, -1).topk(t.shape[-1], dim=-1)
+    for kind in LOSSES:
+        assert torch.allclose(kd_loss_topk(s, i, v, 1.7, kind), kd_loss_full(s, t, 1.7, kind), atol=1e-5), kind
+    # a small k still gives a finite, non-negative forward KL that vanishes when the student copies the teacher
+    v4, i4 = F.log_softmax(t, -1).topk(4, dim=-1)
+    assert bool((kd_loss_topk(s, i4, v4, 1.0, "forward_kl") >= -1e-6).all())
+
+
+def test_config_validation():
+    from edgesmith.distill.distill import DistillConfig
+
+    with pytest.raises(ConfigError, match="loss"):
+        DistillConfig(loss="kl")
+    with pytest.raises(ConfigError, match="layer_pairs"):
+        DistillConfig(layer_pairs=["middle"])
+    with pytest.raises(ConfigError, match="temperature"):
+        DistillConfig(temperature=0)
+
+
+def test_seed_prompts_are_varied():
+    from edgesmith.distill.teacher_data import prompt_order, seed_prompts
+
+    rows = seed_prompts()
+    prompts = [r["prompt"] for r in rows]
+    assert len(rows) >= 300 and len(set(prompts)) == len(prompts)
+    assert len({r["topic"] for r in rows}) >= 10
+    order = prompt_order(len(rows) + 5, len(rows), seed=0)
+    assert sorted(order[:len(rows)]) == list(range(len(rows)))  # every prompt once before any repeats
+
+
+def _models(tiny_factory):
+    teacher = tiny_factory("teacher", hidden=64, layers=2, seed=0)
+    student = tiny_factory("student", hidden=32, intermediate=64, layers=1, heads=2, kv_heads=1, seed=1)
+    return teacher, student
+
+
+def test_chunked_loss_equals_unchunked_with_gradients(tiny_factory):
+    import torch
+
+    from edgesmith.distill.distill import DistillConfig, make_loss_fn
+    from edgesmith.modelio import load_model
+    from edgesmith.trainloop import IGNORE, collate
+
+    t_dir, s_dir = _models(tiny_factory)
+    teacher, student = load_model(t_dir), load_model(s_dir)
+    student.train()
+    ex = [{"input_ids": list(range(5, 25)), "labels": [IGNORE] * 3 + list(range(8, 25))},
+          {"input_ids": list(range(40, 52)), "labels": list(range(40, 52))}]
+    batch = collate(ex, pad_id=2)
+    proj = torch.nn.ModuleList([torch.nn.Linear(32, 64, bias=False)])
+    results = []
+    for chunk in (7, 10_000):
+        cfg = DistillConfig(student="x", chunk_size=chunk, ce_weight=0.3, hidden_weight=0.5, temperature=2.0, loss="js")
+        student.zero_grad()
+        loss, n = make_loss_fn(teacher, cfg, [(1, 2)], proj)(student, batch)
+        loss.backward()
+        results.append((loss.item(), n, student.model.embed_tokens.weight.grad.clone()))
+    (l1, n1, g1), (l2, n2, g2) = results
+    assert n1 == n2 == 17 + 11  # positions whose next token is a label
+    assert l1 == pytest.approx(l2, rel=1e-5)
+    assert torch.allclose(g1, g2, rtol=1e-4, atol=1e-5)  # summation order differs, nothing else
+
+
+def test_refuses_different_vocabularies(tiny_factory, tmp_path):
+    from transformers import AutoTokenizer
+
+    from edgesmith.distill.distill import DistillConfig, run
+
+    t_dir, s_dir = _models(tiny_factory)
+    tok = AutoTokenizer.from_pretrained(str(s_dir))
+    tok.add_tokens(["<|brand_new_token|>"])
+    tok.save_pretrained(str(s_dir))
+    with pytest.raises(EdgesmithError, match="do not share a vocabulary.*brand_new_token"):
+        run(DistillConfig(teacher=str(t_dir), student=str(s_dir), data="teacher:2", out=str(tmp_path / "o")))
+
+
+def _data(tmp_path, n=16):
+    rows = [{"instruction": f"Say something about number {i}.", "output": f"Number {i} is {'even' if i % 2 == 0 else 'odd'}, "
+             f"and {i} plus one is {i + 1}."} for i in range(n)]
+    p = tmp_path / "data.json"
+    p.write_text(json.dumps(rows))
+    return p
+
+
+def test_distill_end_to_end_hidden_projection_and_topk_cache(tiny_factory, tmp_path, monkeypatch):
+    from edgesmith.distill.distill import DistillConfig, run
+    from edgesmith.modelio import check_hf_dir, load_model
+    from edgesmith.trainloop import TrainConfig
+
+    monkeypatch.setenv("EDGESMITH_CACHE", str(tmp_path / "cache"))
+    t_dir, s_dir = _models(tiny_factory)
+    data = _data(tmp_path)
+    common = dict(teacher=str(t_dir), student=str(s_dir), data=str(data), max_length=32, val_fraction=0.0)
+    tcfg = dict(lr=1e-2, max_steps=6, warmup_steps=1, batch_size=4, progress=False)
+    out = run(DistillConfig(**common, out=str(tmp_path / "a"), hidden_weight=0.5, layer_pairs=["1:2"], train=TrainConfig(**tcfg)))
+    check_hf_dir(out)
+    man = json.loads((out / "distill.json").read_text())
+    losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < losses[0]  # the student moves towards the teacher
+    assert man["layer_pairs"] == ["1:2"]
+    assert load_model(out).config.hidden_size == 32  # the projection is a training aid, not part of the student
+
+    out_b = run(DistillConfig(**common, out=str(tmp_path / "b"), cache_teacher_topk=8, train=TrainConfig(**tcfg)))
+    caches = list((tmp_path / "cache" / "teacher-topk").iterdir())
+    assert len(caches) == 1
+    import numpy as np
+
+    idx, logp = np.load(caches[0] / "idx.npy"), np.load(caches[0] / "logp.npy")
+    assert idx.shape[1] == logp.shape[1] == 8 and idx.shape[0] == json.loads((caches[0] / "meta.json").read_text())["rows"] > 0
+    assert bool((np.diff(logp.astype(np.float32), axis=1) <= 1e-3).all())  # sorted top-k log-probs
+    losses_b = [json.loads(x)["loss"] for x in (out_b / "metrics.jsonl").read_text().splitlines()]
+    assert losses_b[-1] < losses_b[0]
+    mtime = caches[0].stat().st_mtime
+    run(DistillConfig(**common, out=str(tmp_path / "c"), cache_teacher_topk=8, train=TrainConfig(**{**tcfg, "max_steps": 1})))
+    assert caches[0].stat().st_mtime == mtime  # reused, not rebuilt
+
+
+def test_teacher_corpus_and_lora_student(tiny_factory, tmp_path, monkeypatch):
+    import torch
+
+    from edgesmith.distill.distill import DistillConfig, run
+    from edgesmith.distill.teacher_data import generate_corpus
+    from edgesmith.modelio import load_model
+
+    monkeypatch.setenv("EDGESMITH_CACHE", str(tmp_path / "cache"))
+    t_dir = tiny_factory("teacher", seed=0)
+    s_dir = tiny_factory("student", seed=1)
+    p = generate_corpus(str(t_dir), 6, max_new_tokens=6, batch_size=4, progress=False)
+    rows = [json.loads(x) for x in p.read_text().splitlines()]
+    assert len(rows) <= 6 and all(r["messages"][0]["role"] == "user" and r["messages"][1]["content"] for r in rows)
+    assert p.parent == tmp_path / "cache" / "teacher-data"
+    assert generate_corpus(str(t_dir), 6, max_new_tokens=6, batch_size=4, progress=False) == p  # cached
+
+    from edgesmith.trainloop import TrainConfig
+
+    out = run(DistillConfig(teacher=str(t_dir), student=str(s_dir), data="teacher:6", teacher_max_new_tokens=6,
+                            teacher_batch_size=4, out=str(tmp_path / "d"), lora=True, max_length=32, val_fraction=0.0,
+                            train=TrainConfig(lr=5e-2, max_steps=2, warmup_steps=0, batch_size=2, progress=False)))
+    assert not (out / "adapter_config.json").exists()  # LoRA merged into a plain checkpoint
+    before, after = load_model(s_dir), load_model(out)
+    diff = [n for (n, a), (_, b) in zip(before.named_parameters(), after.named_parameters()) if not torch.equal(a, b)]
+    assert diff and all(any(k in n for k in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")) for n in diff)
+    assert json.loads((out / "distill.json").read_text())["data"]["kind"] == "teacher"
+
+
+def test_cli_errors(capsys):
+    from edgesmith.cli import main
+
+    assert main(["distill", "--teacher", "default", "--out", "/tmp/x"]) == 2
+    assert "no --student" in capsys.readouterr().err
+    assert main(["distill", "--student", "s", "--loss", "kl"]) == 2
+    assert "loss: expected one of forward_kl, reverse_kl, js" in capsys.readouterr().err

@@ -1,0 +1,184 @@
+"""The shared training loop: schedule, data order, exact resume after SIGINT, and 2-process DDP (gloo)
+matching a single-process run with the same global batch.
+
+Run as a script (`accelerate launch --multi_gpu --num_processes 2 tests/test_trainloop.py --worker OUT MODEL`) it is
+the DDP worker used by test_ddp_two_processes_match_single_process.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgesmith.errors import ConfigError
+from edgesmith.trainloop import (IGNORE, TrainConfig, collate, epoch_order, global_batch_indices, lr_at, pack,
+                                 parse_duration)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_parse_duration():
+    assert parse_duration("15m") == 900
+    assert parse_duration("90s") == 90
+    assert parse_duration("90") == 90
+    assert parse_duration("1h30m") == 5400
+    with pytest.raises(ValueError):
+        parse_duration("soon")
+    with pytest.raises(ConfigError, match="time_budget"):
+        TrainConfig(time_budget="15 minutes please")
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = TrainConfig(lr=1.0, warmup_steps=4, max_steps=20, min_lr_ratio=0.1)
+    mult = [lr_at(s, cfg) for s in range(20)]
+    assert mult[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert mult[4] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(mult[4:], mult[5:]))          # monotone decay after warm-up
+    assert lr_at(20, cfg) == pytest.approx(0.1)                       # ends at min_lr_ratio
+    mid = 4 + 8
+    assert lr_at(mid, cfg) == pytest.approx(0.1 + 0.9 * 0.5)          # half-way through the cosine
+
+
+def test_data_order_is_a_pure_function_and_covers_each_epoch():
+    n = 10
+    assert epoch_order(n, 3, 0) == epoch_order(n, 3, 0)
+    assert epoch_order(n, 3, 0) != epoch_order(n, 3, 1)
+    # 5 steps x 1 micro x 4 = 20 positions = exactly two epochs, each a permutation
+    seen = [i for s in range(5) for i in global_batch_indices(n, s, 0, 4, 1, seed=3)]
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
+    # grad accumulation walks the same stream: (step 1, micro 0) with accum 2 == step 2 with accum 1
+    assert global_batch_indices(n, 1, 0, 4, 2, seed=3) == global_batch_indices(n, 2, 0, 4, 1, seed=3)
+
+
+def test_collate_and_pack():
+    ex = [{"input_ids": [5, 6, 7], "labels": [IGNORE, 6, 7]}, {"input_ids": [8, 9], "labels": [8, 9]}]
+    b = collate(ex, pad_id=2)
+    assert b["input_ids"].tolist() == [[5, 6, 7], [8, 9, 2]]
+    assert b["labels"].tolist() == [[IGNORE, 6, 7], [8, 9, IGNORE]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    blocks = pack(ex, seq_len=2)
+    assert [x["input_ids"] for x in blocks] == [[5, 6], [7, 8]]  # a 1-token tail predicts nothing: dropped
+    assert blocks[0]["labels"] == [IGNORE, 6]
+    # the first token of the second document is never a target across the boundary
+    assert blocks[1]["labels"] == [7, IGNORE]
+
+
+# ---------------------------------------------------------------- tiny end-to-end runs
+
+
+def _examples(n=12, seed=0):
+    """Fixed token sequences of varying length (so token-weighted averaging matters)."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        L = rng.randint(6, 20)
+        ids = [rng.randrange(3, 2000) for _ in range(L)]
+        labels = [IGNORE] * rng.randint(0, 3) + ids
+        out.append({"input_ids": ids, "labels": labels[:L], "index": i})
+    return out
+
+
+def _ce(model, batch):
+    from edgesmith.trainloop import causal_lm_loss_sum
+
+    return causal_lm_loss_sum(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
+
+
+def _run(model_dir, out, cfg, loss_fn=_ce):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    from edgesmith.trainloop import train
+
+    res = train(model, _examples(), loss_fn, cfg, out, pad_id=2, val_examples=_examples(4, seed=1))
+    return model, res
+
+
+def _cfg(**kw):
+    base = dict(lr=3e-3, warmup_steps=2, max_steps=6, batch_size=2, grad_accum=2, seed=1, progress=False,
+                eval_every=3, keep_best=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_resume_after_sigint_matches_uninterrupted(tiny_llama, tmp_path):
+    import torch
+
+    full, res_full = _run(tiny_llama, tmp_path / "full", _cfg())
+    calls = {"n": 0}
+
+    def interrupting(model, batch):
+        calls["n"] += model.training  # validation batches (model.eval()) do not count
+        if calls["n"] == 2 * 3:  # during step 3 (2 micro-batches per step): SIGINT like Ctrl-C
+            os.kill(os.getpid(), signal.SIGINT)
+        return _ce(model, batch)
+
+    with pytest.raises(KeyboardInterrupt, match="step 3"):
+        _run(tiny_llama, tmp_path / "cut", _cfg(), loss_fn=interrupting)
+    assert (tmp_path / "cut" / "checkpoint" / "state.pt").is_file()
+    resumed, res_res = _run(tiny_llama, tmp_path / "cut", _cfg(resume=True))
+    assert res_res.steps == res_full.steps == 6
+    assert abs(res_res.train_loss - res_full.train_loss) < 1e-4
+    assert abs(res_res.last_val_loss - res_full.last_val_loss) < 1e-4
+    for (n, a), (_, b) in zip(full.named_parameters(), resumed.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-5), n
+    # metrics of the resumed run continue the interrupted ones without duplicates
+    import json
+
+    steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(x)]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert (tmp_path / "cut" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_time_budget_early_stopping_and_best_checkpoint(tiny_llama, tmp_path):
+    _, res = _run(tiny_llama, tmp_path / "tb", _cfg(max_steps=1000, time_budget="1s", eval_every=0))
+    assert res.stopped == "time_budget" and 1 <= res.steps < 1000
+    # lr so high the validation loss gets worse: early stopping fires and the best weights come back
+    _, res = _run(tiny_llama, tmp_path / "es", _cfg(lr=5.0, max_steps=12, eval_every=1, early_stopping=2, keep_best=True,
+                                                   max_grad_norm=0, warmup_steps=0))
+    assert res.stopped == "early_stopping" and res.steps < 12
+    assert res.best_val_loss <= res.last_val_loss
+
+
+def test_ddp_two_processes_match_single_process(tiny_llama, tmp_path):
+    """accelerate launch, 2 CPU processes (gloo), batch 2 each == 1 process with batch 4."""
+    import torch
+
+    single, _ = _run(tiny_llama, tmp_path / "single", _cfg(batch_size=4, grad_accum=1, max_steps=3, eval_every=0))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    # `--multi_gpu` is accelerate's torchrun launcher; with no GPU the Accelerator runs DDP over gloo on CPU
+    # (`--cpu` with several processes would need mpirun)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(29500 + os.getpid() % 1000),
+           str(Path(__file__)), "--worker", str(tmp_path / "ddp"), str(tiny_llama)]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    w0 = torch.load(tmp_path / "ddp" / "rank0.pt")
+    w1 = torch.load(tmp_path / "ddp" / "rank1.pt")
+    ref = {n: t.detach() for n, t in single.named_parameters()}
+    for n in ref:
+        assert torch.equal(w0[n], w1[n]), f"ranks out of sync at {n}"
+        assert torch.allclose(w0[n], ref[n], atol=2e-5), f"DDP differs from single process at {n}"
+
+
+def _worker(out: str, model_dir: str) -> None:
+    import torch
+    from accelerate import PartialState
+
+    model, _ = _run(model_dir, Path(out), _cfg(batch_size=2, grad_accum=1, max_steps=3, eval_every=0))
+    rank = PartialState().process_index
+    Path(out).mkdir(parents=True, exist_ok=True)
+    torch.save({n: t.detach().cpu() for n, t in model.named_parameters()}, Path(out) / f"rank{rank}.pt")
+
+
+if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--worker":
+    sys.path.insert(0, str(REPO))
+    _worker(sys.argv[2], sys.argv[3])
