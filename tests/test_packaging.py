@@ -62,3 +62,17 @@ def test_subpackages_import_without_torch():
             f"[importlib.import_module(m) for m in {SUBPACKAGES!r}]; c.build_parser(); print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO.parent)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_every_code_folder_is_packaged():
+    """A new subpackage (e.g. bench/tasks) must be listed in pyproject, or the wheel silently lacks it."""
+    import tomllib
+
+    cfg = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    dirs = {v: k for k, v in cfg["package-dir"].items()}
+    found = set()
+    for top in ("compress", "distill", "finetune", "export", "bench", "recipes"):
+        for init in (REPO / top).rglob("__init__.py"):
+            rel = init.parent.relative_to(REPO).as_posix()
+            found.add(dirs.get(rel, rel))
+    assert found <= set(cfg["packages"]), sorted(found - set(cfg["packages"]))
