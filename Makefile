@@ -5,72 +5,73 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ES := $(VENV)/bin/edgesmith
 STAMP := $(VENV)/.setup-stamp
-OUT ?= out/demo
-MODEL ?= default
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo clean help bench
+.PHONY: setup test test-fast demo compress distill finetune export bench report all clean help bench-llamacpp
+
+# The pipeline: every stage target runs RECIPE up to that stage (stages already up to date are skipped).
+# MODEL=, DATA=, OUT=, QUANTS= override the recipe's start model, training data, output root, GGUF types.
+RECIPE ?= recipes/smollm2-edge-cpu.yaml
+MODEL ?=
+DATA ?=
+OUT ?=
+QUANTS ?=
+RUN_ARGS ?=
+OVERRIDES = $(if $(MODEL),--model $(MODEL)) $(if $(OUT),--out $(OUT)) $(if $(DATA),--data $(DATA)) $(if $(QUANTS),--quants $(QUANTS)) $(RUN_ARGS)
+# finetune/all need a recipe with a finetune stage: theirs unless RECIPE= is given
+given = $(if $(filter command line environment,$(origin RECIPE)),$(RECIPE),$(1))
 
 help:
 	@echo "make setup      create .venv and install everything (cached llama-cpp-python build)"
 	@echo "make test       setup, then the whole test suite (unit + slow end-to-end)"
 	@echo "make test-fast  setup, then the unit tests only (-m 'not slow')"
-	@echo "make demo       setup, then run edgesmith on the embedded default model (outputs in OUT=$(OUT))"
-	@echo "make bench      setup, then benchmark BENCH_ARTIFACTS (default: the embedded GGUF) -> $(OUT)/bench.json + report"
-	@echo "make clean      remove build outputs (keeps .venv and the cache)"
-
-setup: $(STAMP)
-
-$(STAMP): pyproject.toml constraints.txt scripts/setup.sh
-	bash scripts/setup.sh
-	@touch $@
-
-test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
-
-test-fast: setup
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	@echo "make demo       setup, then RECIPE end to end (default recipes/smollm2-edge-cpu.yaml -> out/demo)"
+	@echo "make compress | distill | export | bench | report   RECIPE up to that stage"
+	@echo "make finetune   recipes/lora-alpaca.yaml (LoRA on DATA, merged) up to merge"
+	@echo "make all        recipes/smollm2-all.yaml: compress -> finetune -> export -> bench -> report"
+	@echo "make bench BENCH_ARTIFACTS='a.gguf dir/'   benchmark any artifacts instead (BENCH_REMOTE=user@host)"
+	@echo "make clean      remove build outputs (keeps .venv, the cache and out/)"
+	@echo "variables: RECIPE= MODEL= DATA= OUT= QUANTS= RUN_ARGS='--set stages.prune.intermediate_size=768'"
 
 demo: setup
-	$(ES) info $(MODEL)
-	$(ES) chat $(MODEL) --prompt "What is the capital of France?" --max-new-tokens 48
+	$(ES) run $(RECIPE) $(OVERRIDES)
+
+compress: setup
+	$(ES) run $(RECIPE) --until prune $(OVERRIDES)
+
+distill: setup
+	$(ES) run $(RECIPE) --until distill $(OVERRIDES)
+
+finetune: setup
+	$(ES) run $(call given,recipes/lora-alpaca.yaml) --until merge $(OVERRIDES)
+
+export: setup
+	$(ES) run $(RECIPE) --until export $(OVERRIDES)
+
+report: setup
+	$(ES) run $(RECIPE) --only report $(OVERRIDES)
+
+all: setup
+	$(ES) run $(call given,recipes/smollm2-all.yaml) $(OVERRIDES)
+
+# `make bench` runs RECIPE up to its bench stage; with BENCH_ARTIFACTS it benchmarks those instead
+# (HF dirs, .gguf files, ONNX dirs or `edgesmith export` dirs) into BENCH_OUT/bench.json + report.
+BENCH_ARTIFACTS ?=
+BENCH_OUT ?= out/bench
+BENCH_ARGS ?= --max-chunks 20 --tasks arc_easy,piqa,winogrande,boolq,copa --limit 200 --latency
+# BENCH_REMOTE=user@host runs the same harness on a device over SSH (your keys; edgesmith[device] venv there)
+BENCH_REMOTE ?=
+bench: setup
+ifeq ($(strip $(BENCH_ARTIFACTS)),)
+	$(ES) run $(RECIPE) --until bench $(OVERRIDES)
+else
+	$(ES) bench $(BENCH_ARTIFACTS) $(BENCH_ARGS) $(if $(BENCH_REMOTE),--remote $(BENCH_REMOTE)) --json $(BENCH_OUT)/bench.json
+	$(ES) report $(BENCH_OUT)/bench.json --out $(BENCH_OUT)/report
+endif
+
+# our GGUF perplexity / pp512 / tg128 vs llama.cpp's own llama-perplexity / llama-bench (built from the sdist)
+bench-llamacpp: setup
+	$(PY) bench/compare_llamacpp.py --threads 1 --max-chunks 10 --repeat 3 --rounds 3
 
 clean:
-	rm -rf build dist *.egg-info out .pytest_cache
-
-# ---- distill / finetune (issue 6)
-.PHONY: distill finetune
-DISTILL_BUDGET ?= 15m
-STUDENT ?= $(OUT)/pruned
-FT_DATA ?= ../shared/data/instruct/alpaca_en_demo.json
-
-# prune MODEL to ~69% of its non-embedding parameters (unless STUDENT exists), then distil it back from
-# MODEL on teacher-generated answers (offline) for DISTILL_BUDGET of training
-distill: setup
-	@test -f $(STUDENT)/config.json || $(ES) prune $(MODEL) --intermediate-size 896 --round-to 128 --layer-importance magnitude --out $(STUDENT)
-	$(ES) distill --recipe recipes/distill-default.yaml --teacher $(MODEL) --student $(STUDENT) --time-budget $(DISTILL_BUDGET) --out $(OUT)/distilled
-
-# LoRA on the Alpaca demo (train/validation split by `edgesmith data prepare`), then merge into a plain HF checkpoint
-finetune: setup
-	$(ES) data prepare $(FT_DATA) --model $(MODEL) --out $(OUT)/data/alpaca
-	$(ES) finetune --recipe recipes/lora-alpaca.yaml --model $(MODEL) --data $(OUT)/data/alpaca --out $(OUT)/lora-alpaca
-	$(ES) merge $(MODEL) $(OUT)/lora-alpaca --out $(OUT)/lora-alpaca-merged
-
-.PHONY: compress
-# the default model pruned to widths that quantise cleanly (hidden 512, MLP 1024, 24 layers, 6/2 heads)
-compress: setup
-	$(ES) prune $(MODEL) --recipe recipes/prune-default.yaml --out $(OUT)/compress
-
-# ---- export (issue 3)
-.PHONY: export
-EXPORT_GGUF ?= F16,Q4_0,Q4_K_M,Q5_K_M,Q8_0
-# MODEL's full set in OUT/export: 5 GGUF files (llama.cpp converter + quantiser), ONNX fp32 + int8, Modelfiles, export.json
-export: setup
-	$(ES) export $(MODEL) --out $(OUT)/export --gguf $(EXPORT_GGUF) --onnx --onnx-quant int8 --modelfile
-
-# accuracy + latency of BENCH_ARTIFACTS (HF dirs, .gguf files, ONNX dirs or `edgesmith export` dirs)
-BENCH_ARTIFACTS ?= $(MODEL)
-BENCH_ARGS ?= --max-chunks 20 --tasks arc_easy,piqa,winogrande,boolq,copa --limit 200 --latency
-bench: setup
-	$(ES) bench $(BENCH_ARTIFACTS) $(BENCH_ARGS) --json $(OUT)/bench.json
-	$(ES) report $(OUT)/bench.json --out $(OUT)/bench-report
+	rm -rf build dist *.egg-info .pytest_cache

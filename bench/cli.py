@@ -19,7 +19,15 @@ def cmd_bench(args) -> int:
         gen_max_new_tokens=args.gen_max_new_tokens, reference=args.reference, agree_chunks=args.agree_chunks,
         latency=args.latency, threads=args.threads, repeat=args.repeat, seed=args.seed,
     )
-    doc = run(s, progress=_progress())
+    if args.remote:
+        from edgesmith.bench.remote import run_remote
+
+        doc = run_remote(s, args.remote, ssh_config=args.ssh_config, remote_dir=args.remote_dir,
+                         python=args.remote_python, wheels=args.remote_wheels, keep=args.remote_keep,
+                         log=lambda m: print(m, file=sys.stderr))
+    else:
+        doc = run(s, progress=_progress())
+    doc["command"] = " ".join(["edgesmith", *map(str, sys.argv[1:])])  # reproducible: the exact invocation
     if args.json:
         write_json(args.json, doc)
     for r in doc["results"]:
@@ -82,6 +90,16 @@ def register(sub) -> None:
     p.add_argument("--repeat", type=int, default=5, help="timed repetitions after a warm-up (default 5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="FILE", help="write the results JSON (schema 1) here")
+    g = p.add_argument_group("remote device (SSH: your ~/.ssh config and keys, BatchMode, never a password)")
+    g.add_argument("--remote", metavar="[USER@]HOST[:PORT]", help="copy the artifacts and task files there, run the "
+                   "same harness in a venv with edgesmith[device] (installed if missing), bring the JSON back")
+    g.add_argument("--ssh-config", metavar="FILE", help="ssh/scp -F FILE instead of ~/.ssh/config")
+    g.add_argument("--remote-dir", default="~/.cache/edgesmith-remote", help="remote folder for the venv and runs "
+                   "(default ~/.cache/edgesmith-remote)")
+    g.add_argument("--remote-python", default="python3", help="remote interpreter that creates the venv (default python3)")
+    g.add_argument("--remote-wheels", metavar="DIR", help="install from these wheels (pip --no-index --find-links), "
+                   "for a device without a package index")
+    g.add_argument("--remote-keep", action="store_true", help="keep the copied artifacts on the remote")
     p.set_defaults(func=cmd_bench)
 
 

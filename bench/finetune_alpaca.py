@@ -38,6 +38,8 @@ def main() -> int:
     ap.add_argument("--lr", default="2e-4")
     ap.add_argument("--limit", type=int, default=50, help="test items scored by generation (default 50 = the whole test split)")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--precision", default="fp32", help="fp32 (default) or bf16; bf16 autocast is ~4x SLOWER on AVX2-only CPUs")
+    ap.add_argument("--eval-every", type=int, default=20, help="validation loss every N steps")
     ap.add_argument("--work", default=str(REPO / "out" / "bench-finetune"))
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "finetune-alpaca.json"))
     args = ap.parse_args()
@@ -58,7 +60,7 @@ def main() -> int:
     adapter, merged = work / "adapter", work / "merged"
     cfg = FinetuneConfig(model="default", data=str(data), out=str(adapter), method="lora", max_length=args.max_length,
                          train=TrainConfig(lr=float(args.lr), max_steps=100_000, warmup_steps=5, min_lr_ratio=1.0,
-                                           time_budget=args.budget, batch_size=4, precision="bf16", eval_every=20,
+                                           time_budget=args.budget, batch_size=4, precision=args.precision, eval_every=args.eval_every,
                                            eval_batches=0, keep_best=True))
     if not (adapter / "finetune.json").is_file():
         finetune(cfg)
@@ -76,7 +78,7 @@ def main() -> int:
         "train": {k: man["result"][k] for k in ("steps", "stopped", "tokens", "seconds", "precision", "trainable_params")},
         "data": man["data"],
         "config": {"method": "lora", "lora_r": 8, "lora_alpha": 16, "max_length": args.max_length, "lr": float(args.lr),
-                   "budget": args.budget, "batch_size": 4},
+                   "budget": args.budget, "batch_size": 4, "precision": args.precision, "test_items_scored": args.limit},
         "command": "  ".join(["python bench/finetune_alpaca.py"] + sys.argv[1:]),
         "note": "2 CPU cores shared with other jobs while measuring",
     }

@@ -217,6 +217,16 @@ def window_logprobs(lm, win: list[int]) -> tuple[np.ndarray, np.ndarray]:
     return log_softmax(lg), np.asarray(win[first + 1:])
 
 
+def windows_record(wins: list[list[int]], ctx: int) -> dict:
+    """The exact token windows, compactly: where each starts in the text's tokens, and a hash of the ids
+    (two runs -- or two backends with the same tokenizer -- scored the same tokens iff the hashes match)."""
+    import hashlib
+
+    ids = np.asarray(wins, dtype=np.int32)
+    return {"starts": [i * ctx for i in range(len(wins))], "scored": [ctx // 2 + 1, ctx - 1],
+            "sha256": hashlib.sha256(ids.tobytes()).hexdigest()}
+
+
 def nll_of(logp: np.ndarray, targets: np.ndarray) -> np.ndarray:
     # logp: [n, vocab], targets: [n] -> [n]
     return -logp[np.arange(len(targets)), targets]
@@ -424,6 +434,7 @@ def run_artifact(path: str, s: dict, ref_file: str | None = None, ref_only: bool
             wins = ppl_windows(text_tokens, s.ctx, s.max_chunks, lm.add_bos, lm.bos_id)
             nll = np.concatenate([nll_of(*window_logprobs(lm, w)) for w in wins])
             res["perplexity"] = {"value": float(np.exp(nll.mean())), "ctx": s.ctx, "chunks": len(wins),
+                                 "windows": windows_record(wins, s.ctx),
                                  "text": s.ppl_text, "tokens_scored": int(nll.size), "text_tokens": len(text_tokens),
                                  "nll_stderr": float(nll.std(ddof=1) / math.sqrt(nll.size))}
         if s.tasks:
@@ -432,7 +443,7 @@ def run_artifact(path: str, s: dict, ref_file: str | None = None, ref_only: bool
                 mod = T.get(name)
                 src = name if name.endswith(".jsonl") else s.data_dir
                 items = mod.load(src, s.limit)
-                if mod.KIND == "mc":
+                if items and "pairs" in items[0]:  # multiple choice (a user's .jsonl may be either kind)
                     res["tasks"][T.task_key(name)] = mc_scores(lm, items)
                 else:
                     res["tasks"][T.task_key(name)] = gen_scores(lm, items, s.gen_max_new_tokens)
@@ -511,12 +522,17 @@ def llama_cpp_build() -> dict:
     except PackageNotFoundError:
         return {}
     out = {"llama_cpp_python": v}
+    # the wheel carries no commit id; bench/compare_llamacpp.py builds llama.cpp's own tools from the same
+    # pinned sdist and records the vendored commit (`llama-perplexity --version`) next to this file
     stamp = Path(__file__).resolve().parent / "results" / "llamacpp-compare.json"
-    if stamp.is_file():
-        try:
-            out["llama_cpp_build"] = json.loads(stamp.read_text()).get("llama_cpp_build")
-        except (OSError, json.JSONDecodeError):
-            pass
+    try:
+        doc = json.loads(stamp.read_text())
+        build = doc.get("llama_cpp_build") or {}
+        if (doc.get("machine") or {}).get("libraries", {}).get("llama_cpp_python") == v and build.get("commit"):
+            out.update({"llama_cpp_commit": build["commit"], "llama_cpp_build_number": build.get("build_number"),
+                        "llama_cpp_version": build.get("version")})
+    except (OSError, json.JSONDecodeError, AttributeError):
+        pass
     return out
 
 

@@ -44,10 +44,14 @@ def main() -> int:
     ap.add_argument("--teacher-n", type=int, default=256, help="teacher answers to generate (default 256)")
     ap.add_argument("--teacher-max-new-tokens", type=int, default=192, help="longest teacher answer (default 192)")
     ap.add_argument("--intermediate-size", type=int, default=896, help="pruned MLP width (default 896 -> ~69%% of non-embedding params)")
+    ap.add_argument("--num-layers", type=int, default=None, help="also drop decoder layers (block influence) down to this many")
+    ap.add_argument("--importance", default="activation", help="MLP channel ranking (activation hurts far less than magnitude)")
     ap.add_argument("--limit", type=int, default=300, help="items per task (default 300)")
     ap.add_argument("--ppl-windows", type=int, default=40)
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--lr", default="1e-4")
+    ap.add_argument("--lr", default="2e-4")
+    ap.add_argument("--batch-size", type=int, default=2, help="512-token blocks per step")
+    ap.add_argument("--precision", default="fp32", help="fp32 (default) or bf16; bf16 autocast is ~4x SLOWER on AVX2-only CPUs")
     ap.add_argument("--work", default=str(REPO / "out" / "bench-recovery"))
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "recovery-cpu.json"))
     args = ap.parse_args()
@@ -67,8 +71,8 @@ def main() -> int:
     teacher = resolve("default")
     pruned = work / "pruned"
     if not (pruned / "config.json").is_file():
-        prune(PruneConfig(model="default", out=str(pruned), intermediate_size=args.intermediate_size, round_to=128,
-                          layer_importance="magnitude", eval_windows=0))
+        prune(PruneConfig(model="default", out=str(pruned), intermediate_size=args.intermediate_size, num_layers=args.num_layers,
+                          round_to=128, importance=args.importance, layer_importance="block-influence", eval_windows=0))
     t_ne, p_ne = facts(teacher).params_non_embedding, facts(pruned).params_non_embedding
     assert p_ne <= 0.70 * t_ne, f"pruned model keeps {p_ne / t_ne:.1%} of non-embedding params (> 70%)"
 
@@ -77,7 +81,7 @@ def main() -> int:
                          max_length=512, packing=True, val_fraction=0.05, teacher_batch_size=32,
                          teacher_max_new_tokens=args.teacher_max_new_tokens,
                          train=TrainConfig(lr=float(args.lr), max_steps=100_000, warmup_steps=5, min_lr_ratio=1.0,
-                                           time_budget=args.budget, batch_size=4, grad_accum=1, precision="bf16",
+                                           time_budget=args.budget, batch_size=args.batch_size, grad_accum=1, precision=args.precision,
                                            eval_every=0, keep_best=False, progress=True))
     t0 = time.time()
     if not (distilled / "distill.json").is_file():
@@ -109,10 +113,11 @@ def main() -> int:
                     "tokens": man["result"]["tokens"], "stopped": man["result"]["stopped"],
                     "teacher_answers": args.teacher_n, "train_examples": man["examples"]["train"],
                     "teacher_generation_seconds": float((work / "teacher_gen_seconds.txt").read_text()) if (work / "teacher_gen_seconds.txt").is_file() else None,
-                    "loss": man["config"]["loss"], "temperature": man["config"]["temperature"], "lr": float(args.lr),
+                    "loss": man["config"]["loss"], "temperature": man["config"]["temperature"], "lr": float(args.lr), "batch_size": args.batch_size,
                     "precision": man["result"]["precision"], "final_train_loss": man["result"]["train_loss"],
                     "validation_kd_loss_before_after": [man["result"]["first_val_loss"], man["result"]["last_val_loss"]]},
-        "prune": {"intermediate_size": args.intermediate_size, "round_to": 128},
+        "prune": {"intermediate_size": args.intermediate_size, "num_layers": args.num_layers, "importance": args.importance,
+                  "layer_importance": "block-influence", "round_to": 128},
         "command": "  ".join(["python bench/recovery_cpu.py"] + sys.argv[1:]) if len(sys.argv) > 1 else "python bench/recovery_cpu.py",
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                     "note": "2 CPU cores shared with other jobs while measuring: timings are pessimistic"},

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from edgesmith.config import add_dataclass_args, apply_overrides, args_to_overrides, from_dict, load_yaml
+from edgesmith.config import add_dataclass_args, apply_overrides, args_to_overrides, from_dict, load_stage_yaml
 from edgesmith.errors import ConfigError, EdgesmithError
 
 from .importance import IMPORTANCE, LAYER_IMPORTANCE
@@ -19,7 +19,7 @@ CUSTOM = ("model", "out", "importance", "layer_importance", "sparsity")
 
 
 def config_from_args(args) -> PruneConfig:
-    data = load_yaml(args.recipe) if args.recipe else {}
+    data = load_stage_yaml(args.recipe, PruneConfig) if args.recipe else {}
     if args.model is not None:
         data["model"] = args.model
     if args.out is not None:

@@ -48,6 +48,21 @@ class HFChat:
         pass
 
 
+def _probe_gguf(path: str) -> bool:
+    """Child process: load the GGUF in llama.cpp and decode one token (a crash here is contained)."""
+    import llama_cpp
+
+    try:
+        llm = llama_cpp.Llama(path, n_ctx=64, verbose=False)
+    except (ValueError, RuntimeError) as e:
+        raise EdgesmithError(f"{path}: llama.cpp could not load this GGUF ({e})") from None
+    try:
+        llm.eval([max(llm.token_bos(), 0)])
+    finally:
+        llm.close()
+    return True
+
+
 class GGUFChat:
     """llama.cpp backend: the GGUF's own chat template and end-of-turn token."""
 
@@ -57,7 +72,14 @@ class GGUFChat:
         from .modelio import facts
 
         facts(path)  # validate header, architecture and tensor table before native code sees the file
-        self.llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=threads, verbose=False)
+        from .native import run_isolated
+
+        # the first load + decode happens in a child: an abort in llama.cpp ends that child, not the chat
+        run_isolated(_probe_gguf, str(path), what=f"llama.cpp loading {Path(path).name}")
+        try:
+            self.llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=threads, verbose=False)
+        except (ValueError, RuntimeError) as e:
+            raise EdgesmithError(f"{path}: llama.cpp could not load this GGUF ({e})") from None
 
     def reply(self, messages, max_new_tokens, temperature, out) -> tuple[str, str]:
         text, finish = [], "length"

@@ -227,6 +227,27 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
+# pipeline recipes (`stages:` mapping) hold every stage's settings; a stage command given one reads its own section
+STAGE_OF = {"PruneConfig": "prune", "DistillConfig": "distill", "FinetuneConfig": "finetune", "ExportConfig": "export"}
+MODEL_KEY = {"prune": "model", "distill": "teacher", "finetune": "model", "export": "model"}
+
+
+def load_stage_yaml(path: str | Path, cls: type) -> dict:
+    """A stage's settings from either a flat settings file or a pipeline recipe (its `stages.<stage>` section)."""
+    data = load_yaml(path)
+    if "stages" not in data:
+        return data
+    stage = STAGE_OF.get(cls.__name__)
+    stages = data.get("stages") or {}
+    if stage is None or not isinstance(stages, dict) or stage not in stages:
+        raise EdgesmithError(f"{path}: pipeline recipe has no stages.{stage} section "
+                             f"(it has {', '.join(stages) if isinstance(stages, dict) else 'none'})")
+    section = dict(stages[stage] or {})
+    if "model" in data and MODEL_KEY[stage] not in section:
+        section[MODEL_KEY[stage]] = data["model"]
+    return section
+
+
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None):
     """YAML file (optional) + base mapping + overrides -> validated `cls`; errors name file and key."""
     data = dict(base or {})

@@ -365,14 +365,18 @@ def prepare(cfg: PrepareConfig) -> Path:
     if not cfg.inputs:
         raise EdgesmithError("data prepare: no input files given")
     out = ensure_writable_dir(cfg.out)
-    tok = load_tokenizer(cfg.model)
     kept, dropped = [], {"malformed": 0, "empty_output": 0, "too_long": 0}
     bad_rows = []
     lengths = []
+    # every input is read and checked before the (slow) tokenizer load: bad data fails in milliseconds
+    per_file = []
     for path in cfg.inputs:
         recs, bad = read_records(path, cfg.format, cfg.columns, cfg.skip_bad)
         dropped["malformed"] += len(bad)
         bad_rows += bad
+        per_file.append((path, recs))
+    tok = load_tokenizer(cfg.model)
+    for path, recs in per_file:
         for r in recs:
             if _assistant_empty(r):
                 dropped["empty_output"] += 1

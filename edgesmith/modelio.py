@@ -9,6 +9,7 @@ Llama tokenizer whose files mislead llama.cpp's converter, so it is never used f
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -59,6 +60,224 @@ def is_gguf_file(path: Path) -> bool:
         return f.read(4) == b"GGUF"
 
 
+GGML_MAX_DIMS = 4
+GGML_MAX_NAME = 64
+# the tensors every llama-family block must have (llama.cpp's llama-model.cpp creates them with fixed shapes)
+_BLOCK_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
+
+
+@functools.lru_cache(maxsize=64)
+def _validate_gguf_cached(path: str, size: int, mtime_ns: int, require_model: bool) -> dict:
+    return _validate_gguf(Path(path), size, require_model)
+
+
+def validate_gguf(path: str | os.PathLike, require_model: bool = True) -> dict:
+    """Check a GGUF file in Python before llama.cpp (or anything else) reads it.
+
+    Header (magic, version, counts), every key/value (types, lengths, UTF-8, duplicates,
+    general.alignment), the tensor table (names, dims, ggml types, block sizes, offsets exactly as
+    llama.cpp's gguf.cpp expects them, data inside the file) and, with require_model, a supported
+    llama-family architecture whose metadata and tensor shapes agree. Raises a one-line
+    EdgesmithError naming the file; returns {version, architecture, n_tensors, n_kv, data_offset, ...}.
+    The checks mirror llama.cpp's own loader so that a file passing them does not make it abort.
+    Parsed with `struct` and gguf-py's type tables: gguf.GGUFReader needs ~9 s for a 49k vocabulary.
+    """
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError as e:
+        raise EdgesmithError(f"{p}: cannot read ({e.strerror})") from None
+    if not p.is_file():
+        raise EdgesmithError(f"{p}: not a file")
+    return dict(_validate_gguf_cached(str(p.resolve()), st.st_size, st.st_mtime_ns, require_model))
+
+
+def _validate_gguf(p: Path, size: int, require_model: bool) -> dict:  # noqa: C901 - one linear parse
+    import struct
+
+    import gguf
+
+    def bad(msg: str):
+        raise EdgesmithError(f"{p}: {msg}")
+
+    if size < 24:
+        bad(f"not a GGUF file (only {size} bytes)" if size < 4 else f"truncated GGUF header ({size} bytes)")
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(24)
+            if head[:4] != b"GGUF":
+                bad("not a GGUF file (bad magic)")
+            version, n_tensors, n_kv = struct.unpack_from("<IQQ", head, 4)
+            if version & 0xFFFF == 0 and version:
+                bad(f"GGUF version {version:#x}: the file has the other byte order (big-endian GGUF is not supported)")
+            if version not in (2, 3):
+                bad(f"not a readable GGUF file (unsupported GGUF version {version}; expected 2 or 3)")
+            # every key/value takes >= 13 bytes and every tensor info >= 24: bounds before allocating anything
+            if n_kv > size // 13 or n_tensors > size // 24:
+                bad(f"corrupt GGUF header: {n_kv} key/values and {n_tensors} tensors cannot fit in {size} bytes")
+            buf = fh.read(64 << 20)  # the whole header (vocabularies of 150k+ tokens fit comfortably)
+    except OSError as e:
+        raise EdgesmithError(f"{p}: cannot read ({e.strerror})") from None
+    off = 0
+    scalar = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "B", 10: "Q", 11: "q", 12: "d"}
+
+    def take(fmt: str):
+        nonlocal off
+        n = struct.calcsize("<" + fmt)
+        if off + n > len(buf):
+            bad("truncated GGUF header")
+        v = struct.unpack_from("<" + fmt, buf, off)[0]
+        off += n
+        return v
+
+    def string(what: str) -> str:
+        nonlocal off
+        n = take("Q")
+        if n > len(buf) - off:
+            bad(f"truncated GGUF header ({what}: string of {n} bytes runs past the end)")
+        raw = bytes(buf[off:off + n])
+        off += n
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            bad(f"{what}: string is not valid UTF-8")
+
+    def value(t: int, key: str):
+        nonlocal off
+        if t == 8:
+            return string(key)
+        if t in scalar:
+            return take(scalar[t])
+        if t != 9:
+            bad(f"key {key!r} has unknown value type {t}")
+        it, n = take("I"), take("Q")
+        if it == 8:
+            return [string(f"{key}[{i}]") for i in range(n)]
+        if it not in scalar:
+            bad(f"key {key!r}: array of unsupported type {it}")
+        width = struct.calcsize("<" + scalar[it])
+        if n * width > len(buf) - off:
+            bad(f"truncated GGUF header ({key}: array of {n} items runs past the end)")
+        items = list(struct.unpack_from(f"<{n}{scalar[it]}", buf, off)) if n <= 4096 else n
+        off += n * width
+        return items
+
+    fields: dict[str, Any] = {}
+    types: dict[str, int] = {}
+    for i in range(n_kv):
+        key = string(f"key #{i}")
+        if key in fields:
+            bad(f"duplicate key {key!r}")
+        t = take("I")
+        types[key] = t
+        fields[key] = value(t, key)
+    align = fields.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
+    if "general.alignment" in fields and types["general.alignment"] != 4:
+        bad("general.alignment must be a uint32")
+    if align == 0 or align & (align - 1):
+        bad(f"general.alignment {align} is not a power of 2")
+    tensors: dict[str, tuple[list[int], str, int]] = {}
+    expected = 0
+    for i in range(n_tensors):
+        name = string(f"tensor #{i} name")
+        if len(name.encode()) >= GGML_MAX_NAME:
+            bad(f"tensor name {name[:40]!r}... is longer than {GGML_MAX_NAME - 1} bytes")
+        if name in tensors:
+            bad(f"duplicate tensor {name!r}")
+        nd = take("I")
+        if nd > GGML_MAX_DIMS:
+            bad(f"tensor {name!r} has {nd} dimensions (at most {GGML_MAX_DIMS})")
+        ne = [take("Q") for _ in range(nd)]
+        n_el = 1
+        for d in ne:
+            if d >= 1 << 63:
+                bad(f"tensor {name!r} has a negative dimension")
+            n_el *= d
+        if n_el >= 1 << 63:
+            bad(f"tensor {name!r}: shape {ne} overflows")
+        ttype = take("I")
+        try:
+            qt = gguf.GGMLQuantizationType(ttype)
+            block, tsize = gguf.GGML_QUANT_SIZES[qt]
+        except (ValueError, KeyError):
+            bad(f"tensor {name!r} has unknown ggml type {ttype}")
+        if ne and ne[0] % block:
+            bad(f"tensor {name!r}: row length {ne[0]} is not a multiple of the {qt.name} block size {block}")
+        offset = take("Q")
+        if offset != expected:
+            bad(f"tensor {name!r} has data offset {offset}, expected {expected} (corrupt tensor table)")
+        nbytes = n_el // block * tsize
+        expected += (nbytes + align - 1) // align * align
+        tensors[name] = (ne, qt.name, nbytes)
+    data_offset = 24 + off
+    data_offset = (data_offset + align - 1) // align * align if n_tensors else data_offset
+    last = 0
+    run = 0
+    for ne, _t, nb in tensors.values():  # the end of the last tensor's bytes (padding after it is optional)
+        last = run + nb
+        run += (nb + align - 1) // align * align
+    end = data_offset + last
+    if end > size:
+        bad(f"truncated: tensor data ends at byte {end} but the file has {size} bytes")
+    info = {"version": version, "n_tensors": n_tensors, "n_kv": n_kv, "alignment": align, "data_offset": data_offset,
+            "architecture": fields.get("general.architecture"), "size": size}
+    if not require_model:
+        return info
+
+    arch = fields.get("general.architecture")
+    if not isinstance(arch, str):
+        bad("no general.architecture string: not a model GGUF")
+    if arch not in SUPPORTED_GGUF_ARCHS:
+        bad(f"GGUF architecture {arch!r} is not supported; supported: {', '.join(sorted(SUPPORTED_GGUF_ARCHS))}")
+
+    def pos_int(key: str, required: bool = True) -> int | None:
+        v = fields.get(key)
+        if v is None and not required:
+            return None
+        if types.get(key) not in (0, 2, 4, 10, 1, 3, 5, 11) or not isinstance(v, int) or v < 1:
+            bad(f"metadata {key} must be a positive integer, got {v!r}")
+        return v
+
+    n_layer = pos_int(f"{arch}.block_count")
+    hidden = pos_int(f"{arch}.embedding_length")
+    ff = pos_int(f"{arch}.feed_forward_length")
+    heads = pos_int(f"{arch}.attention.head_count")
+    kv = pos_int(f"{arch}.attention.head_count_kv", required=False) or heads
+    pos_int(f"{arch}.context_length")
+    if heads % kv:
+        bad(f"metadata: {heads} attention heads do not split into {kv} kv heads")
+    head_dim = pos_int(f"{arch}.attention.key_length", required=False) or hidden // heads
+    if not isinstance(fields.get("tokenizer.ggml.model"), str):
+        bad("no tokenizer (tokenizer.ggml.model missing): llama.cpp cannot load it")
+    toks = fields.get("tokenizer.ggml.tokens")
+    if types.get("tokenizer.ggml.tokens") != 9 or not isinstance(toks, list) or not toks:
+        bad("no vocabulary (tokenizer.ggml.tokens missing or empty)")
+    n_vocab = len(toks)
+    for k in ("bos", "eos", "eot", "padding", "unknown"):
+        v = fields.get(f"tokenizer.ggml.{k}_token_id")
+        if v is not None and (not isinstance(v, int) or not 0 <= v < n_vocab):
+            bad(f"metadata tokenizer.ggml.{k}_token_id {v!r} is outside the vocabulary of {n_vocab}")
+
+    def need(name: str, shape: list[int]):
+        if name not in tensors:
+            bad(f"tensor {name!r} is missing ({arch} with {n_layer} blocks)")
+        got = tensors[name][0]
+        if got != shape:
+            bad(f"tensor {name!r} has shape {got}, expected {shape} from the metadata")
+
+    need("token_embd.weight", [hidden, n_vocab])
+    need("output_norm.weight", [hidden])
+    if "output.weight" in tensors:
+        need("output.weight", [hidden, n_vocab])
+    shapes = {"attn_norm": [hidden], "ffn_norm": [hidden], "attn_q": [hidden, heads * head_dim],
+              "attn_k": [hidden, kv * head_dim], "attn_v": [hidden, kv * head_dim], "attn_output": [heads * head_dim, hidden],
+              "ffn_gate": [hidden, ff], "ffn_up": [hidden, ff], "ffn_down": [ff, hidden]}
+    for b in range(n_layer):
+        for t in _BLOCK_TENSORS:
+            need(f"blk.{b}.{t}.weight", shapes[t])
+    return info
+
+
 def source_path(spec: str | os.PathLike) -> Path:
     """The file or directory a spec names (the GGUF itself for `default`), without materialising."""
     if str(spec) == DEFAULT_SPEC:
@@ -93,6 +312,7 @@ def resolve(spec: str | os.PathLike) -> Path:
     if p.is_file():
         if not is_gguf_file(p):
             raise EdgesmithError(f"{p}: not a GGUF file (bad magic) and not an HF model directory")
+        validate_gguf(p)  # header, tensor table and architecture, before anything parses the weights
         return materialize_gguf(p, name=DEFAULT_NAME if str(spec) == DEFAULT_SPEC else None)
     check_hf_dir(p)
     return p
@@ -121,7 +341,31 @@ def check_hf_dir(path: Path) -> dict:
         )
     if not any((path / w).is_file() for w in WEIGHT_FILES):
         raise EdgesmithError(f"{path}: no weights found (expected one of {', '.join(WEIGHT_FILES)})")
+    if (path / "model.safetensors").is_file():
+        _check_safetensors_shapes(path / "model.safetensors", data)
     return data
+
+
+def _check_safetensors_shapes(f: Path, cfg: dict) -> None:
+    """The safetensors header is readable and its main shapes agree with config.json (reads no weights):
+    a mismatch would otherwise surface deep inside a loader, or not at all in llama.cpp's converter."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(f), framework="numpy") as st:
+            shapes = {k: list(st.get_slice(k).get_shape()) for k in st.keys()}
+    except Exception as e:  # noqa: BLE001 - truncated or corrupt header
+        raise EdgesmithError(f"{f}: cannot load model: unreadable safetensors file ({type(e).__name__}: {str(e)[:200]})") from None
+    h, i = cfg.get("hidden_size"), cfg.get("intermediate_size")
+    heads = cfg.get("num_attention_heads")
+    hd = cfg.get("head_dim") or (h // heads if isinstance(h, int) and isinstance(heads, int) and heads else None)
+    want = {"model.embed_tokens.weight": [cfg.get("vocab_size"), h],
+            "model.layers.0.mlp.gate_proj.weight": [i, h],
+            "model.layers.0.self_attn.q_proj.weight": [heads * hd if heads and hd else None, h]}
+    for k, shape in want.items():
+        if k in shapes and None not in shape and shapes[k] != shape:
+            raise EdgesmithError(f"{f}: tensor {k} has shape {shapes[k]}, but config.json implies {shape} "
+                                 "(weights and config.json do not belong together)")
 
 
 # ---------------------------------------------------------------- GGUF -> HF
@@ -306,24 +550,31 @@ def _torch_dtype(dtype: str | Any):
     return table[dtype]
 
 
+def trust_remote_code() -> bool:
+    """True only when the user passed --trust-remote-code (the CLI sets EDGESMITH_TRUST_REMOTE_CODE)."""
+    return os.environ.get("EDGESMITH_TRUST_REMOTE_CODE") == "1"
+
+
 def load_tokenizer(spec: str | os.PathLike):
     from transformers import AutoTokenizer
 
     path = resolve(spec)
     try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust_remote_code())
     except Exception as e:  # noqa: BLE001
         raise EdgesmithError(f"{path}: cannot load tokenizer ({type(e).__name__}: {e})") from None
 
 
-def load_model(spec: str | os.PathLike, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False):
-    """AutoModelForCausalLM from the resolved directory; local files only, no remote code by default."""
+def load_model(spec: str | os.PathLike, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool | None = None):
+    """AutoModelForCausalLM from the resolved directory; local files only, no remote code unless the
+    user passed --trust-remote-code (safetensors preferred; .bin checkpoints load with weights_only)."""
     from transformers import AutoModelForCausalLM
 
     path = resolve(spec)
+    trust = globals()["trust_remote_code"]() if trust_remote_code is None else trust_remote_code
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=_torch_dtype(dtype), local_files_only=True, trust_remote_code=trust_remote_code
+            str(path), dtype=_torch_dtype(dtype), local_files_only=True, trust_remote_code=trust,
         )
     except EdgesmithError:
         raise
@@ -479,8 +730,17 @@ def facts(spec: str | os.PathLike) -> Facts:
     if p.is_file():
         if not is_gguf_file(p):
             raise EdgesmithError(f"{p}: not a GGUF file (bad magic) and not an HF model directory")
-        return _gguf_facts(p)
-    return _hf_facts(p)
+        validate_gguf(p)
+        try:
+            return _gguf_facts(p)
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+            raise EdgesmithError(f"{p}: unexpected GGUF metadata ({type(e).__name__}: {str(e)[:200]})") from None
+    try:
+        return _hf_facts(p)
+    except EdgesmithError:
+        raise
+    except Exception as e:  # noqa: BLE001 - config.json without the usual keys, corrupt safetensors headers, ...
+        raise EdgesmithError(f"{p}: cannot describe this model ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
 
 
 def width_warnings(fx: Facts) -> list[str]:

@@ -63,7 +63,7 @@ class TrainConfig:
     seed: int = 0
     """Seed for initialisation, dropout and the data order."""
     precision: str = "auto"
-    """auto (bf16 on GPU, fp16 where bf16 is missing, fp32 on CPU), fp32, bf16 (autocast; ~1.6x faster on this CPU) or fp16 (GPU only)."""
+    """auto (bf16 on GPU, fp16 where bf16 is missing, fp32 on CPU), fp32, bf16 (autocast; faster only on CPUs with AVX512-BF16/AMX, ~4x slower on AVX2-only ones) or fp16 (GPU only)."""
     eval_every: int = 0
     """Validation loss every N steps (0: only at the end when validation data exists)."""
     eval_batches: int = 0
@@ -358,7 +358,10 @@ def train(
         state_file = ckpt_dir / "state.pt"
         if not state_file.is_file():
             raise EdgesmithError(f"{ckpt_dir}: no checkpoint to resume from (run without --resume first)")
-        st = torch.load(state_file, map_location="cpu", weights_only=False)
+        try:  # weights_only: a checkpoint is data, never code to unpickle
+            st = torch.load(state_file, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - truncated/corrupt/foreign file
+            raise EdgesmithError(f"{state_file}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
         _load_trainable_state(raw_model, {k: acc.unwrap_model(m) for k, m in extra_wrapped.items()}, st["weights"])
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
@@ -551,7 +554,7 @@ def train(
         raise KeyboardInterrupt(f"interrupted at step {step}; checkpoint saved in {ckpt_dir} (continue with --resume)")
     if cfg.keep_best and val_examples and best_path.is_file():
         _load_trainable_state(raw_model, {k: acc.unwrap_model(m) for k, m in extra_wrapped.items()},
-                              torch.load(best_path, map_location="cpu", weights_only=False))
+                              torch.load(best_path, map_location="cpu", weights_only=True))
     acc.wait_for_everyone()
     if main and best_path.is_file():
         best_path.unlink()
@@ -696,11 +699,11 @@ def add_stage_args(parser, cls: type) -> None:
 
 def config_from_args(cls: type, args, given: dict | None = None):
     """Recipe < flags < --set overrides -> validated `cls` (errors name the recipe file and key)."""
-    from .config import apply_overrides, args_to_overrides, from_dict, load_yaml
+    from .config import apply_overrides, args_to_overrides, from_dict, load_stage_yaml
 
     import dataclasses
 
-    data = load_yaml(args.recipe) if getattr(args, "recipe", None) else {}
+    data = load_stage_yaml(args.recipe, cls) if getattr(args, "recipe", None) else {}
     # the stage's own loop defaults (e.g. distill's lr) stay in force under a partial `train:` mapping
     train_field = next((f for f in dataclasses.fields(cls) if f.name == "train"), None)
     if train_field is not None and train_field.default_factory is not dataclasses.MISSING:

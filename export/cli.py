@@ -1,5 +1,5 @@
 """`edgesmith export MODEL --out DIR [--gguf F16,Q4_0,Q4_K_M,Q5_K_M,Q8_0] [--onnx [--onnx-quant int8,int4]]
-[--modelfile] [--name NAME] [--imatrix CALIB]`: GGUF files (llama.cpp's converter and quantiser),
+[--modelfile] [--name NAME] [--imatrix CALIB] [--gguf-lora]`: GGUF files (llama.cpp's converter and quantiser),
 ONNX with KV cache, Ollama Modelfiles, and DIR/export.json with every file's size, type and checks."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from edgesmith.errors import EdgesmithError
 
 DEFAULT_GGUF = "F16,Q4_0,Q4_K_M,Q5_K_M,Q8_0"
 # exporter (export/run.py EXPORTERS) -> the flag that turns it on
-EXPORTER_FLAGS = {"gguf": "--gguf", "onnx": "--onnx", "ollama": "--modelfile"}
+EXPORTER_FLAGS = {"gguf": "--gguf", "onnx": "--onnx", "ollama": "--modelfile", "gguf_lora": "--gguf-lora"}
 
 
 def _csv(s: str) -> list[str]:
@@ -27,8 +27,8 @@ def config_from_args(args):
         return ExportConfig(
             model=args.model, out=args.out, name=args.name or "", gguf=gguf, base=args.base,
             onnx=args.onnx, onnx_quant=_csv(args.onnx_quant or ""), modelfile=args.modelfile,
-            imatrix=args.imatrix or "", adapter_base=args.adapter_base or "", check=not args.no_check,
-            threads=args.threads,
+            gguf_lora=args.gguf_lora, imatrix=args.imatrix or "", adapter_base=args.adapter_base or "", check=not args.no_check,
+            threads=args.threads, jobs=args.jobs,
         )
     except EdgesmithError as e:  # ConfigError "gguf: unknown GGUF type ..." -> drop the key for the CLI
         raise EdgesmithError(getattr(e, "detail", str(e))) from None
@@ -86,8 +86,13 @@ def register(sub) -> None:
     p.add_argument("--modelfile", action="store_true", help="write an Ollama Modelfile per GGUF file (OUT/Modelfile.<TYPE>)")
     p.add_argument("--name", help="file name stem (default: the model's name, e.g. smollm2-135m-instruct)")
     p.add_argument("--imatrix", metavar="CALIB", help="calibration text (an importance matrix is computed) or a llama.cpp imatrix file")
+    p.add_argument("--gguf-lora", action="store_true",
+                   help="MODEL is a LoRA adapter: also write it as OUT/NAME-lora-F16.gguf (llama.cpp --lora, Ollama ADAPTER); "
+                        "with --gguf none only the adapter is converted")
     p.add_argument("--adapter-base", help="base model of a LoRA adapter MODEL (default: the one recorded in the adapter)")
     p.add_argument("--threads", type=int, default=0, help="threads for quantising and checks (default: all cores)")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="run the GGUF and ONNX halves side by side and this many quantisations at a time (default 2; 1 = sequential)")
     p.add_argument("--no-check", action="store_true", help="skip the llama.cpp / onnxruntime fidelity checks")
     p.add_argument("--json", action="store_true", help="print export.json instead of the table")
     p.set_defaults(func=cmd_export)

@@ -112,14 +112,14 @@ def converter_dir() -> Path:
     """llama.cpp's convert_hf_to_gguf.py + conversion/ + gguf-py/, extracted once from the cached sdist."""
     ver = llama_cpp_version()
     dest = cache_dir() / f"llama.cpp-{ver}"
-    if (dest / "convert_hf_to_gguf.py").is_file() and (dest / "gguf-py" / "gguf").is_dir() and (dest / "conversion").is_dir():
+    if all((dest / f).exists() for f in ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "gguf-py/gguf", "conversion")):
         return dest
     sdist = cache_dir() / "src" / f"llama_cpp_python-{ver}.tar.gz"
     if not sdist.is_file():
         raise EdgesmithError(f"{sdist}: llama-cpp-python source archive missing (it ships llama.cpp's converter); "
                              "run `make setup`")
     prefix = f"llama_cpp_python-{ver}/vendor/llama.cpp/"
-    wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
+    wanted = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
     with atomic_dir(dest) as tmp, tarfile.open(sdist) as tar:
         members = []
         for m in tar.getmembers():
@@ -138,8 +138,8 @@ def converter_dir() -> Path:
 # the pre-tokenizer name, then run the converter as __main__.
 _BOOTSTRAP = r"""
 import json, runpy, sys
-llama_dir, extra_file = sys.argv[1], sys.argv[2]
-sys.argv = [llama_dir + "/convert_hf_to_gguf.py"] + sys.argv[3:]
+llama_dir, extra_file, script = sys.argv[1], sys.argv[2], sys.argv[3]
+sys.argv = [llama_dir + "/" + script] + sys.argv[4:]
 sys.path[:0] = [llama_dir + "/gguf-py", llama_dir]
 import gguf
 extra = json.load(open(extra_file, encoding="utf-8"))
@@ -287,10 +287,10 @@ def convert(hf_dir: Path, out_path: Path, outtype: str = "F16", name: str | None
     return out_path
 
 
-def _run_converter(llama_dir: Path, kv_file: Path, args: list[str]) -> str:
+def _run_converter(llama_dir: Path, kv_file: Path, args: list[str], script: str = "convert_hf_to_gguf.py") -> str:
     env = {**os.environ, "PYTHONPATH": str(llama_dir / "gguf-py"), "NO_LOCAL_GGUF": "1",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    proc = subprocess.run([sys.executable, "-c", _BOOTSTRAP, str(llama_dir), str(kv_file), *args],
+    proc = subprocess.run([sys.executable, "-c", _BOOTSTRAP, str(llama_dir), str(kv_file), script, *args],
                           capture_output=True, text=True, env=env)
     log = proc.stdout + proc.stderr
     if proc.returncode != 0 and "BPE pre-tokenizer was not recognized" not in log:
@@ -312,6 +312,49 @@ def _fallback_pre(hf_dir: Path) -> str | None:
 
     pre = gguf_fields(src).get("tokenizer.ggml.pre")
     return pre if isinstance(pre, str) else None
+
+
+# ---------------------------------------------------------------- LoRA adapter -> GGUF LoRA
+
+
+def adapter_base_dir(adapter_dir: Path, base: str | None = None) -> Path:
+    """The local HF directory of a PEFT adapter's base: `base` if given, else the one the adapter records."""
+    from edgesmith.modelio import resolve
+
+    cfg = _read_json(Path(adapter_dir) / "adapter_config.json")
+    spec = base or cfg.get("base_model_name_or_path")
+    if not spec:
+        raise EdgesmithError(f"{adapter_dir}/adapter_config.json: no base_model_name_or_path; pass the base model")
+    return resolve(spec)
+
+
+def convert_lora(adapter_dir: Path, base_hf_dir: Path, out_path: Path, outtype: str = "F16",
+                 source_model: str | None = None) -> Path:
+    """PEFT LoRA adapter directory -> GGUF LoRA (llama.cpp's convert_lora_to_gguf.py), written atomically.
+
+    The file is what llama.cpp's `--lora`, llama-cpp-python's `lora_path=` and Ollama's `ADAPTER` load on
+    top of the *base* model's GGUF (any quant of it)."""
+    from edgesmith import __version__
+
+    adapter_dir, out_path = Path(adapter_dir), Path(out_path)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise EdgesmithError(f"{adapter_dir}: not a PEFT adapter directory (no adapter_config.json)")
+    peft_type = _read_json(adapter_dir / "adapter_config.json").get("peft_type", "LORA")
+    if str(peft_type).upper() != "LORA":
+        raise EdgesmithError(f"{adapter_dir}: a {peft_type} adapter cannot be exported as a GGUF LoRA "
+                             "(only LoRA; export the merged model instead)")
+    if outtype.upper() not in FLOAT_TYPES:
+        raise EdgesmithError(f"LoRA GGUF type {outtype!r}: expected one of {', '.join(FLOAT_TYPES)}")
+    llama_dir = converter_dir()
+    extra = {"edgesmith.version": _kv(__version__), "edgesmith.source_model": _kv(source_model or str(adapter_dir))}
+    with atomic_path(out_path) as tmp, tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".convert-") as side:
+        kv_file = Path(side) / "extra_kv.json"
+        kv_file.write_text(json.dumps(extra))
+        args = [str(adapter_dir), "--base", str(base_hf_dir), "--outtype", FLOAT_TYPES[outtype.upper()], "--outfile", str(tmp)]
+        log = _run_converter(llama_dir, kv_file, args, script="convert_lora_to_gguf.py")
+        if not tmp.is_file() or tmp.stat().st_size == 0:
+            raise EdgesmithError(f"converting adapter {adapter_dir} to a GGUF LoRA failed: {_last_error(log)}")
+    return out_path
 
 
 # ---------------------------------------------------------------- importance matrix
@@ -700,11 +743,12 @@ def check_tokenizer_metadata(gguf_path: Path, hf_dir: Path) -> dict:
 # ---------------------------------------------------------------- llama.cpp runs (child processes)
 
 
-def _open(path: str, n_ctx: int = 512, logits_all: bool = False, vocab_only: bool = False, threads: int | None = None):
+def _open(path: str, n_ctx: int = 512, logits_all: bool = False, vocab_only: bool = False, threads: int | None = None,
+          lora_path: str | None = None):
     from llama_cpp import Llama
 
     return Llama(model_path=path, n_ctx=n_ctx, logits_all=logits_all, vocab_only=vocab_only, verbose=False,
-                 n_threads=threads or os.cpu_count() or 1, n_batch=min(n_ctx, 512), seed=0)
+                 n_threads=threads or os.cpu_count() or 1, n_batch=min(n_ctx, 512), seed=0, lora_path=lora_path)
 
 
 def llama_tokenize(path: str, texts: list[str]) -> list[list[int]]:
@@ -716,11 +760,12 @@ def llama_tokenize(path: str, texts: list[str]) -> list[list[int]]:
         llm.close()
 
 
-def llama_logits(path: str, ids: list[int], threads: int | None = None):
-    """llama.cpp's logits [T, vocab] (float32) for every position of `ids`. Child only; small inputs."""
+def llama_logits(path: str, ids: list[int], threads: int | None = None, lora_path: str | None = None):
+    """llama.cpp's logits [T, vocab] (float32) for every position of `ids` (with a GGUF LoRA applied if
+    given). Child only; small inputs."""
     import numpy as np
 
-    llm = _open(path, n_ctx=max(32, len(ids)), logits_all=True, threads=threads)
+    llm = _open(path, n_ctx=max(32, len(ids)), logits_all=True, threads=threads, lora_path=lora_path)
     try:
         llm.eval(ids)
         return np.array(llm.scores[: len(ids)], dtype=np.float32)
@@ -800,13 +845,14 @@ def load_check(path: Path, hf_dir: Path, threads: int | None = None, samples=Non
 
 def export_gguf(hf_dir: Path, out_dir: Path, name: str, types: list[str] | str = DEFAULT_TYPES, *,
                 base: str = "F16", imatrix: Path | None = None, source_model: str | None = None,
-                recipe_hash: str | None = None, check: bool = True, threads: int | None = None,
+                recipe_hash: str | None = None, check: bool = True, threads: int | None = None, jobs: int = 2,
                 say: Callable[[str], None] = print) -> list[dict]:
     """Write OUT/NAME-<TYPE>.gguf for every requested type; return their export.json entries.
 
     Quants are made from the `base` conversion (F16 by default, as llama.cpp's docs do; kept as
     NAME-<base>.gguf when that type is requested too, else a temporary file). `imatrix`: calibration
     text (an imatrix is computed and saved as NAME.imatrix.gguf) or an existing llama.cpp imatrix.
+    `jobs`: quantisations run at a time (each in its own child process).
     """
     from edgesmith.modelio import facts
 
@@ -865,14 +911,21 @@ def export_gguf(hf_dir: Path, out_dir: Path, name: str, types: list[str] | str =
                 imx = compute_imatrix(hf_dir, imatrix, out_dir / f"{name}.imatrix.gguf", say=say)
                 entries.append({"path": str(imx), "type": "imatrix", "size_bytes": imx.stat().st_size,
                                 "checks": {"entries": load_imatrix(imx)[1]["entries"], "calibration": str(imatrix)}})
-        for q in quants:
+        def one_quant(q: str) -> dict:
             t0 = time.perf_counter()
             p = out_dir / f"{name}-{q}.gguf"
             say(f"quantising {src.name if base_req else base.upper()} -> {p.name}" + (" (with imatrix)" if imx else ""))
             log = quantize(src, p, q, imx, threads)
             e = entry(p, q, t0, log)
             e["checks"]["imatrix"] = str(imx) if imx else None
-            entries.append(e)
+            return e
+
+        # each quantisation (and its check) is its own child process: `jobs` of them at a time overlap one
+        # child's start-up, file reading and writing with another's multi-threaded quantising
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(quants) or 1))) as pool:
+            entries += list(pool.map(one_quant, quants))
     finally:
         if not base_req:
             src.unlink(missing_ok=True)

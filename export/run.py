@@ -47,6 +47,8 @@ class ExportConfig:
     """ONNX weight-only quantisations: int8 (dynamic), int4 (MatMulNBits); each in DIR/onnx-<q>/ (implies onnx)."""
     modelfile: bool = False
     """Write an Ollama Modelfile next to every GGUF file (DIR/Modelfile.<TYPE>)."""
+    gguf_lora: bool = False
+    """MODEL is a LoRA adapter: also write the adapter itself as DIR/NAME-lora-F16.gguf (llama.cpp --lora, Ollama ADAPTER)."""
     imatrix: str = ""
     """Calibration text (an importance matrix is computed) or an existing llama.cpp imatrix file, for the quants."""
     adapter_base: str = ""
@@ -57,6 +59,8 @@ class ExportConfig:
     """Run the fidelity checks (llama.cpp load + tokenisation vs HF, ONNX parity) on every file."""
     threads: int = 0
     """Threads for the quantiser and checks; 0 = all cores."""
+    jobs: int = 2
+    """Work run side by side: the GGUF and ONNX halves, and this many quantisations at a time (1 = one after another)."""
 
     def __post_init__(self):
         try:
@@ -70,6 +74,10 @@ class ExportConfig:
             raise ConfigError("onnx_quant", f"unknown ONNX quantisation {bad[0]!r}; valid: {', '.join(ONNX_QUANTS)}")
         if self.threads < 0:
             raise ConfigError("threads", "expected >= 0")
+        if self.jobs < 1:
+            raise ConfigError("jobs", "expected >= 1")
+        if self.gguf_lora and not is_adapter_dir(Path(str(self.model)).expanduser()):
+            raise ConfigError("gguf_lora", f"expected MODEL to be a LoRA adapter directory (with adapter_config.json), got {self.model!r}")
         if self.modelfile and not self.gguf:
             raise ConfigError("modelfile", "Modelfiles point at GGUF files: list at least one gguf type")
 
@@ -86,7 +94,7 @@ def _gguf(cfg: ExportConfig, hf_dir: Path, out: Path, name: str, done: list[dict
 
     return export_gguf(hf_dir, out, name, cfg.gguf, base=cfg.base, imatrix=Path(cfg.imatrix) if cfg.imatrix else None,
                        source_model=str(cfg.model), recipe_hash=cfg.recipe_hash or None, check=cfg.check,
-                       threads=cfg.threads or None, say=say)
+                       threads=cfg.threads or None, jobs=cfg.jobs, say=say)
 
 
 def _onnx(cfg: ExportConfig, hf_dir: Path, out: Path, name: str, done: list[dict], say) -> list[dict]:
@@ -116,7 +124,33 @@ def _ollama(cfg: ExportConfig, hf_dir: Path, out: Path, name: str, done: list[di
     return entries
 
 
-EXPORTERS: dict[str, Callable] = {"gguf": _gguf, "onnx": _onnx, "ollama": _ollama}
+def _gguf_lora(cfg: ExportConfig, hf_dir: Path, out: Path, name: str, done: list[dict], say) -> list[dict]:
+    if not cfg.gguf_lora:
+        return []
+    from .gguf import adapter_base_dir, convert_lora, read_gguf
+
+    src = Path(str(cfg.model)).expanduser()
+    base = adapter_base_dir(src, cfg.adapter_base or None)
+    p = out / f"{name}-lora-F16.gguf"
+    say(f"converting adapter {src} -> {p.name} (llama.cpp convert_lora_to_gguf, base {base})")
+    convert_lora(src, base, p, "F16", source_model=str(cfg.model))
+    fields, tensors = read_gguf(p, arrays=False)
+    checks = {"general_type_adapter": fields.get("general.type") == "adapter",
+              "adapter_type_lora": fields.get("adapter.type") == "lora",
+              "lora_tensor_pairs": sum(t["name"].endswith(".lora_a") for t in tensors)}
+    checks["ok"] = checks["general_type_adapter"] and checks["adapter_type_lora"] and checks["lora_tensor_pairs"] > 0
+    return [{"path": str(p), "type": "gguf-lora-F16", "size_bytes": p.stat().st_size, "base": str(base),
+             "lora_alpha": fields.get("adapter.lora.alpha"), "checks": checks}]
+
+
+def _onnx_child(cfg: ExportConfig, hf_dir: Path, out: Path, name: str) -> list[dict]:
+    """_onnx in a child process (run_isolated); its progress goes to stderr."""
+    import sys
+
+    return _onnx(cfg, hf_dir, out, name, [], lambda m: print(m, file=sys.stderr, flush=True))
+
+
+EXPORTERS: dict[str, Callable] = {"gguf": _gguf, "onnx": _onnx, "ollama": _ollama, "gguf_lora": _gguf_lora}
 
 
 # ---------------------------------------------------------------- run
@@ -156,7 +190,14 @@ def run(cfg: ExportConfig, say: Callable[[str], None] = print) -> Path:
     name = cfg.name or modelio.model_name(cfg.model)
     merged_tmp = None
     try:
-        if is_adapter_dir(src):
+        if is_adapter_dir(src) and not (cfg.gguf or cfg.onnx or cfg.onnx_quant):
+            # only the adapter itself is exported (--gguf-lora --gguf none): nothing to merge
+            hf_dir = modelio.resolve(cfg.adapter_base) if cfg.adapter_base else None
+            from .gguf import adapter_base_dir
+
+            hf_dir = hf_dir or adapter_base_dir(src)
+            source = f"{src} (LoRA adapter of {hf_dir})"
+        elif is_adapter_dir(src):
             from edgesmith.finetune.merge import merge_adapter
 
             merged_tmp = Path(tempfile.mkdtemp(prefix=".merged-", dir=out))
@@ -171,8 +212,27 @@ def run(cfg: ExportConfig, say: Callable[[str], None] = print) -> Path:
         for w in modelio.width_warnings(modelio.facts(hf_dir)):
             say(f"note: {w}")
         entries: list[dict] = []
-        for kind, fn in EXPORTERS.items():
-            entries += fn(cfg, hf_dir, out, name, entries, say)
+        onnx_job = None
+        if cfg.jobs > 1 and cfg.gguf and (cfg.onnx or cfg.onnx_quant):
+            # the ONNX half runs in a child process (a thread would starve: torch tracing and protobuf hold
+            # the GIL for long stretches) while this process drives the GGUF half, itself mostly child
+            # processes (converter, quantiser, llama.cpp checks): on 2 cores neither keeps both busy alone
+            from concurrent.futures import ThreadPoolExecutor
+
+            from edgesmith.native import run_isolated
+
+            pool = ThreadPoolExecutor(max_workers=1)
+            onnx_job = pool.submit(run_isolated, _onnx_child, cfg, hf_dir, out, name, what="the ONNX export")
+            pool.shutdown(wait=False)
+        try:
+            for kind, fn in EXPORTERS.items():
+                if kind == "onnx" and onnx_job is not None:
+                    entries += onnx_job.result()
+                else:
+                    entries += fn(cfg, hf_dir, out, name, entries, say)
+        finally:
+            if onnx_job is not None:
+                onnx_job.exception()  # never leave the ONNX thread writing after an error in the GGUF half
     finally:
         if merged_tmp is not None:
             shutil.rmtree(merged_tmp, ignore_errors=True)

@@ -68,6 +68,11 @@ def merge_adapter(adapter_dir: Path, out_dir: Path, base: str | None = None, dty
                              f"{str(e).splitlines()[0][:200]}); is BASE the model it was trained on?") from None
     merged = peft_model.merge_and_unload()
     merged = merged.to(getattr(torch, dtype))
+    from edgesmith.fsutil import check_free_space
+
+    # the merged weights plus headroom for the tokenizer, before anything is written
+    need = sum(p.numel() * p.element_size() for p in merged.parameters()) + (32 << 20)
+    check_free_space(out_dir.parent if str(out_dir.parent) else Path("."), need, "the merged model")
     merged.config._name_or_path = modelio.model_name(base_path)
     with atomic_dir(out_dir) as tmp:
         merged.save_pretrained(str(tmp), safe_serialization=True)

@@ -227,3 +227,36 @@ def test_default_gguf_generation_task(shared_data):
     r = run_isolated(H.run_artifact, str(default_gguf()), asdict(s), what="gguf")
     a = r["tasks"]["alpaca"]
     assert a["n"] == 2 and a["mean_output_tokens"] > 3 and a["rougeL"] > 0.02 and 0 <= a["success_rate"] <= 1
+
+
+def test_user_jsonl_generation_rows_and_task_files(tmp_path, shared_data):
+    """A user's .jsonl may hold generation rows (Alpaca or chat style, e.g. `data prepare`'s test.jsonl);
+    every built-in plug-in names the data files it reads (what --remote copies)."""
+    from edgesmith.bench import tasks as T
+    from edgesmith.bench.remote import Remote, task_files
+
+    f = tmp_path / "gen.jsonl"
+    f.write_text('{"instruction": "Name a primary color.", "input": "", "output": "Red."}\n'
+                 '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}\n')
+    items = T.get(str(f)).load(f)
+    assert [it["reference"] for it in items] == ["Red.", "Hello!"] and items[1]["messages"] == [{"role": "user", "content": "Hi"}]
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(f.read_text().splitlines()[0] + '\n{"query": "Q", "choices": ["a", "b"], "gold": 0}\n')
+    with pytest.raises(EdgesmithError, match="mixes multiple-choice and generation"):
+        T.get(str(mixed)).load(mixed)
+    for name in TASKS:
+        files = task_files(name, str(shared_data))
+        assert files and all(p.is_file() and rel.startswith("data/") for p, rel in files), name
+    assert task_files(str(f), None) == [(f, "tasks/gen.jsonl")]
+    for bad in ("-oProxyCommand=x", "host:port", "a b"):
+        with pytest.raises(EdgesmithError, match="--remote"):
+            Remote(bad)
+
+
+def test_windows_record_identifies_the_scored_tokens():
+    toks = list(range(5, 5 + 700))
+    w = H.ppl_windows(toks, 256, None, add_bos=False, bos_id=None)
+    rec = H.windows_record(w, 256)
+    assert rec["starts"] == [0, 256] and rec["scored"] == [129, 255]
+    assert rec["sha256"] == H.windows_record(H.ppl_windows(toks, 256, None, False, None), 256)["sha256"]
+    assert rec["sha256"] != H.windows_record(H.ppl_windows(toks[1:], 256, None, False, None), 256)["sha256"]

@@ -14,7 +14,10 @@ from hypothesis import strategies as st
 from edgesmith.export.ollama import jinja_to_go, quote_value, write_modelfile
 
 REPO = Path(__file__).resolve().parents[1]
-GOLDEN = REPO / "Modelfiles" / "smollm2-135m-instruct" / "Modelfile.Q4_K_M"
+GOLDEN_DIR = REPO / "Modelfiles"
+# the shipped recipes' model names (pipeline `name:`); all share SmolLM2's tokenizer and chat template:
+# the embedded default, recipes/smollm2-edge-cpu.yaml (pruned + distilled student), recipes/lora-alpaca.yaml
+GOLDEN_NAMES = ("smollm2-135m-instruct", "smollm2-edge-cpu", "smollm2-lora-alpaca")
 
 # ---------------------------------------------------------------- Ollama's Modelfile parser (parser/parser.go)
 
@@ -492,8 +495,15 @@ def test_untranslatable_template_falls_back_to_gguf_template(tmp_path, tokenizer
     assert "relying on the GGUF's embedded template" in capsys.readouterr().err
 
 
-def test_golden_modelfile_is_regenerated_byte_for_byte(default_hf, tmp_path):
-    """Modelfiles/ keeps the reviewed Modelfile of the shipped recipe's model; the code must still write it."""
+@pytest.mark.parametrize("name", GOLDEN_NAMES)
+def test_golden_modelfile_is_regenerated_byte_for_byte(name, default_hf, tmp_path):
+    """Modelfiles/ keeps the reviewed Modelfile of each shipped recipe's model; the code must still write it."""
+    golden = GOLDEN_DIR / name / "Modelfile.Q4_K_M"
     out = tmp_path / "Modelfile.Q4_K_M"
-    write_modelfile(tmp_path / "smollm2-135m-instruct-Q4_K_M.gguf", default_hf, out, "Q4_K_M")
-    assert out.read_bytes() == GOLDEN.read_bytes(), "translator output changed: review, then regenerate (Modelfiles/README.md)"
+    write_modelfile(tmp_path / f"{name}-Q4_K_M.gguf", default_hf, out, "Q4_K_M")
+    assert out.read_bytes() == golden.read_bytes(), f"translator output changed for {name}: review, then regenerate (Modelfiles/README.md)"
+    assert f"FROM ./{name}-Q4_K_M.gguf\n" in golden.read_text()
+
+
+def test_every_golden_modelfile_is_tested():
+    assert sorted(p.parent.name for p in GOLDEN_DIR.glob("*/Modelfile.*")) == sorted(GOLDEN_NAMES)

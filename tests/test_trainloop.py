@@ -148,6 +148,33 @@ def test_time_budget_early_stopping_and_best_checkpoint(tiny_llama, tmp_path):
     assert res.best_val_loss <= res.last_val_loss
 
 
+def test_grad_accumulation_and_checkpointing_match_one_big_batch(tiny_llama, tmp_path):
+    """Same global batch three ways (4x1, 2x2 with gradient checkpointing, 1x4) -> the same weights."""
+    import torch
+
+    kw = dict(max_steps=2, eval_every=0)
+    big, _ = _run(tiny_llama, tmp_path / "big", _cfg(batch_size=4, grad_accum=1, **kw))
+    acc2, _ = _run(tiny_llama, tmp_path / "acc2", _cfg(batch_size=2, grad_accum=2, grad_checkpointing=True, **kw))
+    acc4, _ = _run(tiny_llama, tmp_path / "acc4", _cfg(batch_size=1, grad_accum=4, **kw))
+    from transformers import AutoModelForCausalLM
+
+    start = dict(AutoModelForCausalLM.from_pretrained(str(tiny_llama)).named_parameters())
+    moved = False
+    # same tolerance as the DDP test: only the fp32 summation order differs
+    for (n, a), (_, b), (_, c) in zip(big.named_parameters(), acc2.named_parameters(), acc4.named_parameters()):
+        assert torch.allclose(a, b, atol=2e-5) and torch.allclose(a, c, atol=2e-5), n
+        moved |= not torch.allclose(a, start[n], atol=1e-6)
+    assert moved  # the runs did train
+
+
+def test_bf16_autocast_on_cpu(tiny_llama, tmp_path):
+    """precision bf16 on CPU runs under autocast (fp32 master weights) and records the precision."""
+    model, res = _run(tiny_llama, tmp_path / "bf16", _cfg(precision="bf16", max_steps=2, eval_every=0))
+    assert res.precision == "bf16" and res.steps == 2
+    assert res.train_loss == res.train_loss  # finite, not NaN
+    assert all(p.dtype.is_floating_point and p.dtype.itemsize == 4 for p in model.parameters())
+
+
 def test_ddp_two_processes_match_single_process(tiny_llama, tmp_path):
     """accelerate launch, 2 CPU processes (gloo), batch 2 each == 1 process with batch 4."""
     import torch

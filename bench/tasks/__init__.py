@@ -1,6 +1,7 @@
 """Task plug-ins: one small module per task, listed in TASKS (name -> module path).
 
-A multiple-choice module exposes `KIND = "mc"` and `load(data_dir, limit) -> list[dict]`, each item
+A multiple-choice module exposes `KIND = "mc"`, `FILES` (the data files it reads, relative to
+--data-dir; `--remote` copies exactly these) and `load(data_dir, limit) -> list[dict]`, each item
 `{"pairs": [(context, continuation), ...], "gold": int}`: every choice is scored as the summed
 log-likelihood of its continuation after its context (lm-evaluation-harness style). A generation
 module exposes `KIND = "generate"` and `load(...)` items `{"messages": [...], "reference": str}`.

@@ -1,6 +1,7 @@
 """Generation on Alpaca-format instruction data (`instruct/alpaca_en_demo.json`, {instruction, input,
-output}): the test split exactly as `edgesmith data prepare` draws it (seed 0, ratios 0.9/0.05/0.05
--> the last 5 % of the shuffled rows), prompted with the artifact's chat template, greedy decoding.
+output}): the test split as `edgesmith data prepare` draws it (seed 0, ratios 0.9/0.05/0.05 -> the
+last 5 % of the shuffled rows; identical when prepare drops no row -- pass its test.jsonl with
+`--tasks path/test.jsonl` to use a prepared split as is), prompted with the artifact's chat template, greedy decoding.
 Scored with exact match, ROUGE-L (rouge-score), BLEU and chrF (sacrebleu)."""
 import json
 import random
@@ -9,6 +10,7 @@ from pathlib import Path
 from edgesmith.errors import EdgesmithError
 
 KIND = "generate"
+FILES = ["instruct/alpaca_en_demo.json"]  # under --data-dir (copied by --remote)
 TEST_FRACTION = 0.05
 SEED = 0
 

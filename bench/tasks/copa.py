@@ -4,6 +4,7 @@ from pathlib import Path
 from . import mc_item, read_jsonl
 
 KIND = "mc"
+FILES = ["mc/copa.jsonl"]  # under --data-dir (copied by --remote)
 
 
 def load(data_dir, limit=None):

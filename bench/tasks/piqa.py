@@ -7,6 +7,7 @@ from edgesmith.errors import EdgesmithError
 from . import mc_item, read_jsonl
 
 KIND = "mc"
+FILES = ["mc/piqa/valid.jsonl", "mc/piqa/valid-labels.lst"]  # under --data-dir (copied by --remote)
 
 
 def load(data_dir, limit=None):

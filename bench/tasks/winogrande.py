@@ -8,6 +8,7 @@ from edgesmith.errors import EdgesmithError
 from . import read_jsonl
 
 KIND = "mc"
+FILES = ["mc/winogrande.jsonl"]  # under --data-dir (copied by --remote)
 
 
 def load(data_dir, limit=None):
