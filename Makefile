@@ -33,6 +33,20 @@ help:
 	@echo "make clean      remove build outputs (keeps .venv, the cache and out/)"
 	@echo "variables: RECIPE= MODEL= DATA= OUT= QUANTS= RUN_ARGS='--set stages.prune.intermediate_size=768'"
 
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt scripts/setup.sh
+	bash scripts/setup.sh
+	@touch $@
+
+# the whole suite: unit tests + slow end-to-end tests on the real model (CI runs this)
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# unit tests only (< 10 min on 2 cores)
+test-fast: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
 demo: setup
 	$(ES) run $(RECIPE) $(OVERRIDES)
 

@@ -200,3 +200,17 @@ def test_reduced_demo_on_the_default_model_every_artifact_loads_and_generates(tm
     for fmt in ("HF fp32", "GGUF F16", "GGUF Q4_K_M", "ONNX fp32"):
         assert f"| student | {fmt} |" in report, fmt
     assert "| teacher | HF fp32 |" in report and "decode_vs_size.png" in report
+
+
+def test_makefile_has_every_documented_target():
+    # `make -n` resolves each target without running it: a missing rule fails here, not in CI
+    import shutil
+    import subprocess
+    if shutil.which("make") is None:
+        pytest.skip("make not installed")
+    for target in ("setup", "test", "test-fast", "demo", "compress", "distill", "finetune", "export", "bench",
+                   "report", "all", "clean", "help"):
+        r = subprocess.run(["make", "-n", target], cwd=REPO, capture_output=True, text=True)
+        assert r.returncode == 0, f"make {target}: {r.stderr.strip()}"
+    dry = subprocess.run(["make", "-n", "test"], cwd=REPO, capture_output=True, text=True).stdout
+    assert "pytest" in dry
