@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -95,9 +96,10 @@ class GGUFLM:
     def __init__(self, path: Path, threads: int, n_ctx: int = 2048):
         import llama_cpp as L
 
-        from edgesmith.modelio import facts
+        from edgesmith.modelio import validate_gguf
 
-        facts(path)  # validate header/arch before native code sees the file
+        validate_gguf(path)  # header, architecture and tensor table checked before native code sees the file
+        t0 = time.perf_counter()
         self.L = L
         L.llama_backend_init()
         L.llama_log_set(_LOG_CB, None)
@@ -130,10 +132,9 @@ class GGUFLM:
         self._pos = np.ctypeslib.as_array(self.batch.pos, shape=(n_ctx,))
         self._out = np.ctypeslib.as_array(self.batch.logits, shape=(n_ctx,))
         self.n_past = 0
-        from edgesmith.modelio import gguf_fields
-
-        meta = gguf_fields(path)
-        self.chat_template = meta.get("tokenizer.chat_template")
+        self.load_s = time.perf_counter() - t0  # llama.cpp's own load + context, what a device app pays
+        tpl = L.llama_model_chat_template(self.model, None)
+        self.chat_template = tpl.decode("utf-8", errors="replace") if tpl else None
         self.special = {"bos_token": self._piece(self.bos_id), "eos_token": self._piece(L.llama_vocab_eos(self.vocab))}
         self.path = path
 

@@ -677,7 +677,7 @@ def run(cfg: PruneConfig, quiet: bool = False) -> Path:
     """Prune `cfg.model` into `cfg.out`; returns the output directory."""
     import torch
 
-    from edgesmith.modelio import facts, load_model, load_tokenizer, model_name, resolve, width_warnings
+    from edgesmith.modelio import facts, load_model, load_tokenizer, model_license, model_name, resolve, width_warnings
 
     t0 = time.perf_counter()
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
@@ -810,6 +810,7 @@ def run(cfg: PruneConfig, quiet: bool = False) -> Path:
                 shutil.copy(src_dir / extra, tmp / extra)
         (tmp / "edgesmith.json").write_text(json.dumps({
             "name": f"{model_name(cfg.model)}-pruned", "source": str(src_dir), "stage": "prune",
+            "license": model_license(src_dir),
             "note": "structured pruning by edgesmith; see prune_report.json",
         }, indent=2))
         report["width_warnings"] = width_warnings(facts(tmp))

@@ -453,7 +453,8 @@ def run(cfg: DistillConfig) -> Path:
     student.save_pretrained(str(tmp), safe_serialization=True)
     s_tok.save_pretrained(str(tmp))
     (tmp / "edgesmith.json").write_text(json.dumps({"name": f"{modelio.model_name(s_path)}-distilled",
-                                                    "source": str(s_path), "teacher": str(t_path)}, indent=2))
+                                                    "source": str(s_path), "teacher": str(t_path),
+                                                    "license": modelio.model_license(s_path)}, indent=2))
     for f in tmp.iterdir():  # each file renamed into place; the manifest last marks completion
         f.replace(out / f.name)
     tmp.rmdir()

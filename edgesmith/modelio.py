@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import re
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -286,6 +287,28 @@ def source_path(spec: str | os.PathLike) -> Path:
     if not p.exists():
         raise EdgesmithError(f"{p}: no such model (expected an HF directory, a .gguf file, or 'default')")
     return p
+
+
+def model_license(model_dir: str | os.PathLike) -> str | None:
+    """The license a model directory declares (edgesmith.json, else the model card's `license:`), or None.
+    Derivatives (pruned, distilled, tuned, merged) carry their source's license forward."""
+    d = Path(model_dir)
+    try:
+        lic = json.loads((d / "edgesmith.json").read_text(encoding="utf-8")).get("license")
+        if isinstance(lic, str) and lic.strip():
+            return lic.strip()
+    except (OSError, ValueError, AttributeError):
+        pass
+    try:
+        card = (d / "README.md").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    if card.startswith("---"):
+        front = card[3:].split("\n---", 1)[0]
+        m = re.search(r"^license:\s*['\"]?([^'\"\n]+?)['\"]?\s*$", front, re.M)
+        if m:
+            return m.group(1)
+    return None
 
 
 def model_name(spec: str | os.PathLike) -> str:

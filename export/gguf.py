@@ -224,7 +224,9 @@ def gguf_metadata(hf_dir: Path, name: str, source_model: str | None = None, reci
         "edgesmith.source_model": _kv(source_model or str(hf_dir)),
     }
     # the override file has no license key (the converter takes it from a model card only)
-    lic = info.get("license") or src_fields.get("general.license")
+    from edgesmith.modelio import model_license
+
+    lic = model_license(hf_dir) or src_fields.get("general.license")
     if lic:
         extra["general.license"] = _kv(lic)
     if recipe_hash:

@@ -471,6 +471,17 @@ def modelfile_text(gguf_name: str, hf_dir: Path, quant: str) -> tuple[str, dict]
         if q is None or _unquote(q) != (s, True):
             raise EdgesmithError(f"{hf_dir}: stop string {s!r} cannot be written in a Modelfile")
         lines.append(f"PARAMETER stop {q}")
+    from edgesmith.modelio import model_license
+
+    lic = model_license(hf_dir)
+    if lic:
+        q = quote_value(lic)
+        if q is None:
+            lines.append("# LICENSE left out: the license text cannot be quoted in a Modelfile (non-printable characters)")
+            checks["license"] = "not representable; left out"
+        else:
+            lines.append(f"LICENSE {q}")
+            checks["license"] = lic
     temp, top_p = _temperature(hf_dir)
     lines += [f"PARAMETER num_ctx {_num_ctx(hf_dir)}", f"PARAMETER temperature {temp:g}", f"PARAMETER top_p {top_p:g}"]
     checks.update(stops=stops, num_ctx=_num_ctx(hf_dir), temperature=temp)

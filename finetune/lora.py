@@ -182,7 +182,8 @@ def run(cfg: FinetuneConfig) -> Path:
     else:
         tmp = out / ".adapter-tmp"
         model.save_pretrained(str(tmp), safe_serialization=True)
-        (tmp / "edgesmith.json").write_text(json.dumps({"name": f"{modelio.model_name(cfg.model)}-ft", "source": str(base_path)}, indent=2))
+        (tmp / "edgesmith.json").write_text(json.dumps({"name": f"{modelio.model_name(cfg.model)}-ft", "source": str(base_path),
+                                                          "license": modelio.model_license(base_path)}, indent=2))
     tok.save_pretrained(str(tmp))
     for f in tmp.iterdir():  # each file renamed into place (atomic per file)
         f.replace(out / f.name)

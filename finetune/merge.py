@@ -78,7 +78,8 @@ def merge_adapter(adapter_dir: Path, out_dir: Path, base: str | None = None, dty
         merged.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
         meta = {"name": f"{modelio.model_name(base_path)}-merged", "source": str(base_path),
-                "adapter": str(adapter_dir), "peft_type": acfg.get("peft_type"), "merge_dtype": dtype}
+                "adapter": str(adapter_dir), "peft_type": acfg.get("peft_type"), "merge_dtype": dtype,
+                "license": modelio.model_license(base_path)}
         (tmp / "edgesmith.json").write_text(json.dumps(meta, indent=2))
     return out_dir
 

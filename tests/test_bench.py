@@ -260,3 +260,18 @@ def test_windows_record_identifies_the_scored_tokens():
     assert rec["starts"] == [0, 256] and rec["scored"] == [129, 255]
     assert rec["sha256"] == H.windows_record(H.ppl_windows(toks, 256, None, False, None), 256)["sha256"]
     assert rec["sha256"] != H.windows_record(H.ppl_windows(toks[1:], 256, None, False, None), 256)["sha256"]
+
+
+def test_export_dir_skips_adapters_and_importance_matrices(tiny_set, tmp_path):
+    # a LoRA adapter GGUF or an imatrix file listed in export.json cannot run alone: never benchmark it
+    import shutil
+
+    exp = tmp_path / "export"
+    exp.mkdir()
+    for name in ("m-F32.gguf", "m-lora-F16.gguf", "m.imatrix.gguf"):
+        shutil.copy(tiny_set["gguf"], exp / name)
+    (exp / "export.json").write_text(json.dumps({"artifacts": [
+        {"path": str(exp / "m-F32.gguf"), "type": "gguf-F32"},
+        {"path": str(exp / "m-lora-F16.gguf"), "type": "gguf-lora-F16"},
+        {"path": str(exp / "m.imatrix.gguf"), "type": "imatrix"}]}))
+    assert [p.name for p in H.expand_artifacts([str(exp)])] == ["m-F32.gguf"]

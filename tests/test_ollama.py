@@ -418,8 +418,9 @@ def test_default_system_prompt_and_stops(default_hf, tmp_path):
     entry = write_modelfile(tmp_path / "smollm2-135m-instruct-Q4_K_M.gguf", default_hf, tmp_path / "Modelfile.Q4_K_M", "Q4_K_M")
     cmds = parse_modelfile(Path(entry["path"]).read_text())
     names = [c for c, _ in cmds]
-    assert names == ["model", "template", "system", "stop", "num_ctx", "temperature", "top_p"]
+    assert names == ["model", "template", "system", "stop", "license", "num_ctx", "temperature", "top_p"]
     d = dict(cmds)
+    assert d["license"] == "apache-2.0" == entry["checks"]["license"]  # from the GGUF's general.license
     assert d["model"] == "./smollm2-135m-instruct-Q4_K_M.gguf"
     assert d["system"] == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
     assert [a for c, a in cmds if c == "stop"] == ["<|im_end|>"]  # one stop, the end-of-turn token

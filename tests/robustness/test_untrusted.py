@@ -118,6 +118,28 @@ def test_hostile_system_prompt_round_trips(hf_copy, tmp_path, system):
     count("untrusted")
 
 
+@pytest.mark.parametrize("license_text", HOSTILE + ["Apache License\nVersion 2.0, January 2004\n\nTERMS AND CONDITIONS"])
+def test_hostile_license_round_trips(hf_copy, tmp_path, license_text):
+    """A model's license (edgesmith.json / model card) becomes LICENSE; hostile text must not inject instructions."""
+    from edgesmith.export.ollama import write_modelfile
+
+    meta = hf_copy / "edgesmith.json"
+    info = json.loads(meta.read_text()) if meta.is_file() else {}
+    meta.write_text(json.dumps({**info, "license": license_text}))
+    out = tmp_path / "Modelfile.Q8_0"
+    entry = write_modelfile(tmp_path / "m-Q8_0.gguf", hf_copy, out, "Q8_0")
+    cmds = _parse_modelfile(out.read_text())
+    names = [c for c, _ in cmds]
+    assert names.count("from") == 1 and dict(cmds)["from"] == "./m-Q8_0.gguf", cmds  # nothing injected
+    assert "system" not in names or names.count("system") == 1
+    if "license" in names:
+        assert names.count("license") == 1 and dict(cmds)["license"] == license_text.strip()
+        assert entry["checks"]["license"] == license_text.strip()
+    else:
+        assert entry["checks"]["license"].startswith("not representable")
+    count("untrusted")
+
+
 def test_bench_has_no_password_option():
     """Remote benchmarking must go through the user's SSH config/keys: no option takes a password."""
     from edgesmith.cli import build_parser
