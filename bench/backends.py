@@ -198,6 +198,22 @@ class GGUFLM:
         self.n_past = len(ids)
         return out
 
+    # multiple choice: the shared context once, then each continuation on top of its cached KV
+    def prefix(self, ids) -> np.ndarray:
+        """Decode `ids` into a fresh KV cache and keep it; -> next-token logits after them [vocab]."""
+        self.L.llama_memory_clear(self.mem, True)
+        want = np.zeros(len(ids), dtype=np.int8)
+        want[-1] = 1
+        self._decode(ids, 0, want)
+        self.n_prefix = len(ids)
+        return self._row(len(ids) - 1).copy()
+
+    def extend(self, ids) -> np.ndarray:
+        """Logits at every position of `ids` placed right after the kept prefix [len(ids), vocab]."""
+        self.L.llama_memory_seq_rm(self.mem, 0, self.n_prefix, -1)  # drop the previous continuation
+        self._decode(ids, self.n_prefix, np.ones(len(ids), dtype=np.int8))
+        return np.stack([self._row(i) for i in range(len(ids))])
+
     def prefill(self, ids) -> int:
         self.L.llama_memory_clear(self.mem, True)
         want = np.zeros(len(ids), dtype=np.int8)
@@ -269,6 +285,15 @@ class OnnxBenchLM:
         lg, _ = self.lm._step(list(ids), self.lm._empty_past(), 0)
         return np.ascontiguousarray(lg[first:], dtype=np.float32)
 
+    def prefix(self, ids) -> np.ndarray:
+        lg, self._prefix_past = self.lm._step(list(ids), self.lm._empty_past(), 0)
+        self.n_prefix = len(ids)
+        return np.asarray(lg[-1], dtype=np.float32)
+
+    def extend(self, ids) -> np.ndarray:
+        lg, _ = self.lm._step(list(ids), self._prefix_past, self.n_prefix)  # the past arrays are not modified
+        return np.ascontiguousarray(lg, dtype=np.float32)
+
     def prefill(self, ids) -> int:
         lg, self.past = self.lm._step(list(ids), self.lm._empty_past(), 0)
         self.n_past = len(ids)
@@ -322,6 +347,20 @@ class HFLM:
         with t.inference_mode():
             out = self.model(t.tensor([list(ids)]), use_cache=False)
         return out.logits[0, first:].float().numpy()
+
+    def prefix(self, ids) -> np.ndarray:
+        t = self.torch
+        with t.inference_mode():
+            out = self.model(t.tensor([list(ids)]), use_cache=True)
+        self._prefix_cache, self.n_prefix = out.past_key_values, len(ids)
+        return out.logits[0, -1].float().numpy()
+
+    def extend(self, ids) -> np.ndarray:
+        t = self.torch
+        with t.inference_mode():
+            out = self.model(t.tensor([list(ids)]), past_key_values=self._prefix_cache, use_cache=True)
+        self._prefix_cache.crop(self.n_prefix)  # back to the shared context for the next continuation
+        return out.logits[0].float().numpy()
 
     def prefill(self, ids) -> int:
         t = self.torch

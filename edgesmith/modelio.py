@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import math
 import re
 import os
 from dataclasses import dataclass
@@ -221,7 +222,8 @@ def _validate_gguf(p: Path, size: int, require_model: bool) -> dict:  # noqa: C9
     if end > size:
         bad(f"truncated: tensor data ends at byte {end} but the file has {size} bytes")
     info = {"version": version, "n_tensors": n_tensors, "n_kv": n_kv, "alignment": align, "data_offset": data_offset,
-            "architecture": fields.get("general.architecture"), "size": size}
+            "architecture": fields.get("general.architecture"), "size": size,
+            "params": sum(math.prod(ne) for ne, _t, _nb in tensors.values())}
     if not require_model:
         return info
 

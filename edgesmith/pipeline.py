@@ -310,8 +310,10 @@ def _bench_run(ctx: Ctx, cfg: BenchStage, work: Path) -> Path:
                                                limit=cfg.limit, latency=cfg.latency, repeat=cfg.repeat)))
     heldout = Path(ctx.artifacts["distill"]) / "heldout.txt" if "distill" in ctx.artifacts else None
     if heldout is not None and heldout.is_file():
-        # latency rides on this run when there is no WikiText run
-        runs.append(("corpus", BenchSettings(**common, ppl_text=str(heldout), max_chunks=cfg.corpus_chunks,
+        # latency and agreement with the teacher ride on this run only when there is no WikiText run
+        # (the report takes them from the WikiText run otherwise: measuring them twice only costs time)
+        runs.append(("corpus", BenchSettings(**{**common, "reference": None if data_dir else common["reference"]},
+                                             ppl_text=str(heldout), max_chunks=cfg.corpus_chunks,
                                              latency=cfg.latency and not data_dir, repeat=cfg.repeat)))
     if not runs:
         raise EdgesmithError("bench: nothing to measure: no evaluation data (../shared/data or EVAL_DATA=) and no "

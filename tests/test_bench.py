@@ -275,3 +275,21 @@ def test_export_dir_skips_adapters_and_importance_matrices(tiny_set, tmp_path):
         {"path": str(exp / "m-lora-F16.gguf"), "type": "gguf-lora-F16"},
         {"path": str(exp / "m.imatrix.gguf"), "type": "imatrix"}]}))
     assert [p.name for p in H.expand_artifacts([str(exp)])] == ["m-F32.gguf"]
+
+
+@pytest.mark.parametrize("kind", ["hf", "gguf", "onnx"])
+def test_shared_context_scoring_equals_one_pass_scoring(tiny_set, shared_data, kind):
+    """Multiple choice evaluates a shared context once and each choice on its cached KV: the log-likelihoods
+    must equal scoring every (context + choice) in one pass, including contexts that differ per choice."""
+    from edgesmith.bench import tasks as T
+    from edgesmith.bench.backends import open_lm
+
+    lm = open_lm(tiny_set[kind], 1)
+    try:
+        items = T.get("arc_easy").load(str(shared_data), 4) + T.get("winogrande").load(str(shared_data), 3)
+        for it in items:
+            shared = H.choice_logliks(lm, it["pairs"])
+            one_pass = np.array([H.continuation_loglik(lm, c, x) for c, x in it["pairs"]])
+            np.testing.assert_allclose(shared, one_pass, rtol=1e-4, atol=1e-3)
+    finally:
+        lm.close()
