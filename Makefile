@@ -26,7 +26,8 @@ help:
 	@echo "make test       setup, then the whole test suite (unit + slow end-to-end)"
 	@echo "make test-fast  setup, then the unit tests only (-m 'not slow')"
 	@echo "make demo       setup, then RECIPE end to end (default recipes/smollm2-edge-cpu.yaml -> out/demo)"
-	@echo "make compress | distill | export | bench | report   RECIPE up to that stage"
+	@echo "make compress | distill | bench | report   RECIPE up to that stage"
+	@echo "make export     MODEL (default: the embedded default) -> out/export: 5 GGUF + ONNX fp32/int8 + Modelfiles"
 	@echo "make finetune   recipes/lora-alpaca.yaml (LoRA on DATA, merged) up to merge"
 	@echo "make all        recipes/smollm2-all.yaml: compress -> finetune -> export -> bench -> report"
 	@echo "make bench BENCH_ARTIFACTS='a.gguf dir/'   benchmark any artifacts instead (BENCH_REMOTE=user@host)"
@@ -59,8 +60,15 @@ distill: setup
 finetune: setup
 	$(ES) run $(call given,recipes/lora-alpaca.yaml) --until merge $(OVERRIDES)
 
+# `make export`: MODEL (default: the embedded default) -> OUT (default out/export): the five GGUF types (or QUANTS),
+# ONNX fp32 + int8 and one Modelfile per GGUF. With RECIPE= it runs that recipe up to its export stage instead.
+EXPORT_QUANTS ?= F16,Q4_0,Q4_K_M,Q5_K_M,Q8_0
 export: setup
+ifeq ($(filter command line environment,$(origin RECIPE)),)
+	$(ES) export $(or $(MODEL),default) --out $(or $(OUT),out/export) --gguf $(or $(QUANTS),$(EXPORT_QUANTS)) --onnx --onnx-quant int8 --modelfile
+else
 	$(ES) run $(RECIPE) --until export $(OVERRIDES)
+endif
 
 report: setup
 	$(ES) run $(RECIPE) --only report $(OVERRIDES)
