@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -79,8 +80,8 @@ def main() -> int:
         "data": man["data"],
         "config": {"method": "lora", "lora_r": 8, "lora_alpha": 16, "max_length": args.max_length, "lr": float(args.lr),
                    "budget": args.budget, "batch_size": 4, "precision": args.precision, "test_items_scored": args.limit},
-        "command": "  ".join(["python bench/finetune_alpaca.py"] + sys.argv[1:]),
-        "note": "2 CPU cores shared with other jobs while measuring",
+        "command": " ".join(["python bench/finetune_alpaca.py"] + sys.argv[1:]),
+        "machine": {"cpus": os.cpu_count(), "load_average_1m_at_end": round(os.getloadavg()[0], 2)},
     }
     write_json(args.out, out)
     print(json.dumps({"val_before": out["validation_loss"]["before"], "val_best": out["validation_loss"]["best"]}))

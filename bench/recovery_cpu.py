@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import sys
 import time
@@ -51,6 +52,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--lr", default="2e-4")
     ap.add_argument("--batch-size", type=int, default=2, help="512-token blocks per step")
+    ap.add_argument("--cache-teacher-topk", type=int, default=64,
+                    help="teacher run once, top-k log-probs on disk (0 = teacher forward every step; default 64)")
     ap.add_argument("--precision", default="fp32", help="fp32 (default) or bf16; bf16 autocast is ~4x SLOWER on AVX2-only CPUs")
     ap.add_argument("--work", default=str(REPO / "out" / "bench-recovery"))
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "recovery-cpu.json"))
@@ -79,11 +82,11 @@ def main() -> int:
     distilled = work / "distilled"
     dcfg = DistillConfig(teacher="default", student=str(pruned), data=f"teacher:{args.teacher_n}", out=str(distilled),
                          max_length=512, packing=True, val_fraction=0.05, teacher_batch_size=32,
-                         teacher_max_new_tokens=args.teacher_max_new_tokens,
+                         teacher_max_new_tokens=args.teacher_max_new_tokens, cache_teacher_topk=args.cache_teacher_topk,
                          train=TrainConfig(lr=float(args.lr), max_steps=100_000, warmup_steps=5, min_lr_ratio=1.0,
                                            time_budget=args.budget, batch_size=args.batch_size, grad_accum=1, precision=args.precision,
                                            eval_every=0, keep_best=False, progress=True))
-    t0 = time.time()
+    t0, load0 = time.time(), os.getloadavg()[0]
     if not (distilled / "distill.json").is_file():
         from edgesmith.distill.teacher_data import generate_corpus
 
@@ -113,14 +116,15 @@ def main() -> int:
                     "tokens": man["result"]["tokens"], "stopped": man["result"]["stopped"],
                     "teacher_answers": args.teacher_n, "train_examples": man["examples"]["train"],
                     "teacher_generation_seconds": float((work / "teacher_gen_seconds.txt").read_text()) if (work / "teacher_gen_seconds.txt").is_file() else None,
+                    "teacher_topk_cache": args.cache_teacher_topk or None,
                     "loss": man["config"]["loss"], "temperature": man["config"]["temperature"], "lr": float(args.lr), "batch_size": args.batch_size,
                     "precision": man["result"]["precision"], "final_train_loss": man["result"]["train_loss"],
                     "validation_kd_loss_before_after": [man["result"]["first_val_loss"], man["result"]["last_val_loss"]]},
         "prune": {"intermediate_size": args.intermediate_size, "num_layers": args.num_layers, "importance": args.importance,
                   "layer_importance": "block-influence", "round_to": 128},
-        "command": "  ".join(["python bench/recovery_cpu.py"] + sys.argv[1:]) if len(sys.argv) > 1 else "python bench/recovery_cpu.py",
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "note": "2 CPU cores shared with other jobs while measuring: timings are pessimistic"},
+        "command": " ".join(["python bench/recovery_cpu.py"] + sys.argv[1:]) if len(sys.argv) > 1 else "python bench/recovery_cpu.py",
+        "machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+                    "load_average_start_end": [round(load0, 2), round(os.getloadavg()[0], 2)]},
         "wall_seconds_this_invocation": round(time.time() - t0, 1),
     }
     write_json(args.out, out)
