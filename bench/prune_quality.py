@@ -65,7 +65,7 @@ def main() -> int:
         result = json.loads((RESULTS / "prune-quality.json").read_text())
         result["machine"]["load_average_at_start"] = os.getloadavg()[0]
         result["gguf_rerun"] = time.strftime("%Y-%m-%d %H:%M")  # perplexity tables from the earlier full run
-        return stage_and_gguf(result, args, time.perf_counter() - result["total_seconds"])
+        return stage_and_gguf(result, args, time.perf_counter(), "gguf_rerun_seconds")
 
     import torch
 
@@ -135,10 +135,10 @@ def main() -> int:
         result["quant_friendly"][name] = {k: ppl_of(unit[k], layer["block-influence"], d) for k in ("activation", "magnitude")}
         say(name, result["quant_friendly"][name])
     del model, unit
-    return stage_and_gguf(result, args, t0)
+    return stage_and_gguf(result, args, t0, "total_seconds")
 
 
-def stage_and_gguf(result: dict, args, t0: float) -> int:
+def stage_and_gguf(result: dict, args, t0: float, seconds_key: str) -> int:
     from edgesmith.compress.prune import PruneConfig, run
     from edgesmith.config import from_dict, load_yaml
     from edgesmith.fsutil import write_json, write_text
@@ -154,7 +154,7 @@ def stage_and_gguf(result: dict, args, t0: float) -> int:
                                       "params": rep["after"]["params"], "width_warnings": rep["width_warnings"]}
             say("stage timing", result["stage_timing"])
         result["gguf"] = gguf_check(out, args.skip_gguf or args.skip_timing, args.recover_budget)
-    result["total_seconds"] = time.perf_counter() - t0
+    result[seconds_key] = time.perf_counter() - t0
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json(RESULTS / "prune-quality.json", result)
     write_text(RESULTS / "prune-quality.md", render_md(result))
@@ -165,7 +165,8 @@ def stage_and_gguf(result: dict, args, t0: float) -> int:
 def greedy_parity(hf_dir: Path, gguf_path: Path, new_tokens: int = 32) -> list[dict]:
     """HF greedy continuation of each chat prompt vs llama.cpp on the F16 file, teacher-forced: llama.cpp scores
     prompt + HF's greedy tokens in one pass and its argmax must equal HF's next token at every generated
-    position (then llama.cpp's own greedy run produces the same tokens). HF runs on the weights the F16 file
+    position; then llama.cpp's own greedy chat run (incremental decode, the GGUF's chat template) must give
+    HF's text. HF runs on the weights the F16 file
     holds (fp32 rounded to fp16), so only the runtimes differ (llama.cpp also rounds activations and the KV
     cache to fp16). At the first disagreement both logit margins are recorded: a margin near zero is a
     near-tie flipped by rounding, not a conversion bug."""
@@ -192,8 +193,12 @@ def greedy_parity(hf_dir: Path, gguf_path: Path, new_tokens: int = 32) -> list[d
         ll = torch.as_tensor(logits[n - 1: n - 1 + len(hf_next)])                               # [new, vocab]
         ll_next = ll.argmax(-1).tolist()
         first = next((i for i, (a, b) in enumerate(zip(hf_next, ll_next)) if a != b), None)
-        row = {"prompt": prompt, "tokens": len(hf_next), "text": tok.decode(hf_next),
-               "agree": sum(a == b for a, b in zip(hf_next, ll_next)), "first_divergence": first, "match": first is None}
+        hf_text = tok.decode(hf_next, skip_special_tokens=True)
+        ll_text = run_isolated(gguf.llama_chat, str(gguf_path), [{"role": "user", "content": prompt}], new_tokens,
+                               what="llama.cpp greedy chat")["text"]
+        row = {"prompt": prompt, "tokens": len(hf_next), "text": hf_text, "llama_cpp_text": ll_text,
+               "agree": sum(a == b for a, b in zip(hf_next, ll_next)), "first_divergence": first, "match": first is None,
+               "greedy_text_equal": same_text(hf_text, ll_text)}
         if first is not None:
             h, g = out.logits[first][0], ll[first]  # [vocab] each: HF's and llama.cpp's logits at the flip
             a, b = hf_next[first], ll_next[first]
@@ -201,6 +206,11 @@ def greedy_parity(hf_dir: Path, gguf_path: Path, new_tokens: int = 32) -> list[d
             row["margin_llama"] = round(float(g[b] - g[a]), 4)   # how much llama.cpp preferred its own
         rows.append(row)
     return rows
+
+
+def same_text(hf: str, llama: str) -> bool:
+    """HF decodes a token holding part of a UTF-8 character as U+FFFD, llama-cpp-python drops the bytes."""
+    return hf.replace("\ufffd", "").strip() == llama.replace("\ufffd", "").strip()
 
 
 def recover(variant: Path, budget: str) -> tuple[Path, dict]:
@@ -279,12 +289,13 @@ def render_md(r: dict) -> str:
         lines.append(f"- recovery of the 4/2-head variant: {rc['recipe']}, time budget {rc['time_budget']}, {rc['wall_seconds']:.0f} s wall")
     if g.get("greedy"):
         lines += ["", "Greedy parity (32 new tokens per chat prompt; HF on the F16 file's weights vs llama.cpp on the F16 file, "
-                  "teacher-forced; margins are logit gaps at the first flip):", "",
-                  "| model | prompt | agree | match | first flip | HF margin | llama.cpp margin |", "|---|---|---:|---|---:|---:|---:|"]
+                  "teacher-forced; margins are logit gaps at the first flip; last column: llama.cpp's own greedy chat run gives HF's text):", "",
+                  "| model | prompt | agree | match | first flip | HF margin | llama.cpp margin | greedy text equal |",
+                  "|---|---|---:|---|---:|---:|---:|---|"]
         for label, rows in g["greedy"].items():
             for gr in rows:
                 lines.append(f"| {label} | {gr['prompt']} | {gr['agree']}/{gr['tokens']} | {gr['match']} | "
-                             f"{'' if gr['match'] else gr['first_divergence']} | {gr.get('margin_hf', '')} | {gr.get('margin_llama', '')} |")
+                             f"{'' if gr['match'] else gr['first_divergence']} | {gr.get('margin_hf', '')} | {gr.get('margin_llama', '')} | {gr.get('greedy_text_equal', '')} |")
     return "\n".join(lines) + "\n"
 
 
