@@ -36,7 +36,7 @@ help:
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt scripts/setup.sh
+$(STAMP): pyproject.toml constraints.txt scripts/setup.sh scripts/ggml_flags.sh
 	bash scripts/setup.sh
 	@touch $@
 
@@ -93,7 +93,7 @@ endif
 
 # our GGUF perplexity / pp512 / tg128 vs llama.cpp's own llama-perplexity / llama-bench (built from the sdist)
 bench-llamacpp: setup
-	$(PY) bench/compare_llamacpp.py --threads 1 --max-chunks 10 --repeat 3 --rounds 3
+	$(PY) studies/compare_llamacpp.py --threads 1 --max-chunks 10 --repeat 3 --rounds 3
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

@@ -362,6 +362,43 @@ class HFLM:
         self._prefix_cache.crop(self.n_prefix)  # back to the shared context for the next continuation
         return out.logits[0].float().numpy()
 
+    def score_pairs(self, pairs: list[tuple[list[int], list[int]]], max_batch_tokens: int = 4096) -> np.ndarray:
+        """sum log p(cont | ctx) for many (ctx ids, cont ids) pairs, batched: sequences sorted by length and
+        right-padded into forwards of <= max_batch_tokens, the output layer applied only to the rows that
+        predict continuation tokens, their log-softmax in float64 (as the one-by-one path). Several short
+        sequences per forward use the CPU's matmul units far better than one 40-token forward each."""
+        t = self.torch
+        out = np.empty(len(pairs))
+        order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+        head = self.model.get_output_embeddings()
+        i = 0
+        while i < len(order):
+            L = len(pairs[order[i]][0]) + len(pairs[order[i]][1])            # the longest in this batch
+            batch = order[i:i + max(1, max_batch_tokens // L)]
+            i += len(batch)
+            ids = t.zeros((len(batch), L), dtype=t.long)
+            mask = t.zeros((len(batch), L), dtype=t.long)
+            rows, targets, owner = [], [], []
+            for b, j in enumerate(batch):
+                ctx, cont = pairs[j]
+                seq = list(ctx) + list(cont)
+                ids[b, :len(seq)] = t.tensor(seq)
+                mask[b, :len(seq)] = 1
+                rows += [(b, q) for q in range(len(ctx) - 1, len(seq) - 1)]  # row q predicts seq[q + 1]
+                targets += list(cont)
+                owner += [j] * len(cont)
+            with t.inference_mode():
+                h = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+                bi, qi = t.tensor([r[0] for r in rows]), t.tensor([r[1] for r in rows])
+                lp = t.log_softmax(head(h[bi, qi]).double(), dim=-1)         # [R, V] float64, continuation rows only
+                tok_lp = lp.gather(-1, t.tensor(targets)[:, None])[:, 0].numpy()
+            sums: dict[int, float] = {}
+            for j, v in zip(owner, tok_lp):
+                sums[j] = sums.get(j, 0.0) + float(v)
+            for j in batch:
+                out[j] = sums[j]
+        return out
+
     def prefill(self, ids) -> int:
         t = self.torch
         with t.inference_mode():

@@ -18,7 +18,11 @@ def cmd_bench(args) -> int:
         tasks=args.tasks.split(",") if args.tasks else [], data_dir=args.data_dir, limit=args.limit,
         gen_max_new_tokens=args.gen_max_new_tokens, reference=args.reference, agree_chunks=args.agree_chunks,
         latency=args.latency, threads=args.threads, repeat=args.repeat, seed=args.seed,
+        task_kinds=[k for k in args.task_kinds.split(",") if k] if args.task_kinds else None,
     )
+    bad = sorted(set(s.task_kinds or []) - {"hf", "gguf", "onnx"})
+    if bad:
+        raise EdgesmithError(f"--task-kinds: unknown kind {bad[0]!r} (expected hf, gguf or onnx)")
     if args.remote:
         from edgesmith.bench.remote import run_remote
 
@@ -85,6 +89,8 @@ def register(sub) -> None:
     p.add_argument("--gen-max-new-tokens", type=int, default=128, help="generation budget for generation tasks (default 128)")
     p.add_argument("--reference", metavar="ARTIFACT", help="compare token distributions with this artifact (KL, top-1)")
     p.add_argument("--agree-chunks", type=int, default=4, help="perplexity windows used for agreement (default 4)")
+    p.add_argument("--task-kinds", default=None, metavar="KINDS",
+                   help="run --tasks only on these artifact kinds, e.g. hf or hf,gguf (default: every artifact)")
     p.add_argument("--latency", action="store_true", help="measure load, TTFT, pp512, tg128, peak RSS")
     p.add_argument("--threads", type=int, default=0, help="threads (default: all usable CPUs); the child is pinned")
     p.add_argument("--repeat", type=int, default=5, help="timed repetitions after a warm-up (default 5)")

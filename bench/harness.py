@@ -61,6 +61,9 @@ class BenchSettings:
     """Artifact to compare distributions with (KL, top-1 agreement), e.g. the F16 GGUF or the teacher."""
     agree_chunks: int = 4
     """Perplexity windows used for agreement (the reference's log-probs are kept on disk meanwhile)."""
+    task_kinds: list[str] | None = None
+    """Run `tasks` only on artifacts of these kinds (hf, gguf, onnx); None = every artifact. Accuracy on a few formats,
+    perplexity/KL/latency on all, keeps a large item count affordable."""
     latency: bool = False
     """Measure load time, TTFT, prefill and decode speed, peak RSS."""
     threads: int = 0
@@ -286,14 +289,27 @@ def choice_logliks(lm, pairs: list[tuple[str, str]]) -> np.ndarray:
 
 
 def mc_scores(lm, items: list[dict]) -> dict:
-    acc, acc_norm = [], []
-    for it in items:
-        ll = choice_logliks(lm, it["pairs"])
+    """acc / acc_norm with standard errors, plus every choice's log-likelihood (`logliks`, one list per item):
+    cross-backend comparisons and paired significance tests need the per-item numbers, not only the means."""
+    acc, acc_norm, lls = [], [], []
+    batched = None
+    if hasattr(lm, "score_pairs"):  # a backend that scores many sequences per forward (HF): all items at once
+        flat = lm.score_pairs([split_pair(lm, c, x) for it in items for c, x in it["pairs"]])
+        cuts = np.cumsum([0] + [len(it["pairs"]) for it in items])
+        batched = [flat[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
+    for n, it in enumerate(items):
+        ll = batched[n] if batched is not None else choice_logliks(lm, it["pairs"])
         chars = np.array([max(1, len(x.lstrip(" "))) for _, x in it["pairs"]])
         acc.append(int(ll.argmax() == it["gold"]))
         acc_norm.append(int((ll / chars).argmax() == it["gold"]))
+        lls.append([round(float(x), 5) for x in ll])
+
+    def stderr(x):
+        return float(np.std(x, ddof=1) / math.sqrt(len(x))) if len(x) > 1 else None
+
     return {"acc": float(np.mean(acc)), "acc_norm": float(np.mean(acc_norm)), "n": len(items),
-            "acc_stderr": float(np.std(acc, ddof=1) / math.sqrt(len(acc))) if len(acc) > 1 else None}
+            "acc_stderr": stderr(acc), "acc_norm_stderr": stderr(acc_norm),
+            "gold": [int(it["gold"]) for it in items], "logliks": lls}
 
 
 def chat_prompt(lm, messages: list[dict]) -> list[int]:
@@ -494,7 +510,7 @@ def run_artifact(path: str, s: dict, ref_file: str | None = None, ref_only: bool
                                  "text": s.ppl_text, "tokens_scored": int(nll.size), "text_tokens": len(text_tokens),
                                  "nll_stderr": float(nll.std(ddof=1) / math.sqrt(nll.size))}
             took["perplexity"] = time.perf_counter() - t1
-        if s.tasks:
+        if s.tasks and (s.task_kinds is None or kind in s.task_kinds):
             res["tasks"] = {}
             for name in s.tasks:
                 t1 = time.perf_counter()
@@ -571,26 +587,36 @@ def machine_info(threads: int) -> dict:
 
 
 def llama_cpp_build() -> dict:
-    """llama-cpp-python version and the vendored llama.cpp commit (from the cached sdist's git data)."""
+    """llama-cpp-python's version and the instruction sets its llama.cpp was built to use, as the library itself
+    reports them (`llama_print_system_info`, not assumed from the CPU): a bench number is only as fast as the build."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         v = version("llama_cpp_python")
     except PackageNotFoundError:
         return {}
-    out = {"llama_cpp_python": v}
-    # the wheel carries no commit id; bench/compare_llamacpp.py builds llama.cpp's own tools from the same
-    # pinned sdist and records the vendored commit (`llama-perplexity --version`) next to this file
-    stamp = Path(__file__).resolve().parent / "results" / "llamacpp-compare.json"
+    out: dict = {"llama_cpp_python": v}
     try:
-        doc = json.loads(stamp.read_text())
-        build = doc.get("llama_cpp_build") or {}
-        if (doc.get("machine") or {}).get("libraries", {}).get("llama_cpp_python") == v and build.get("commit"):
-            out.update({"llama_cpp_commit": build["commit"], "llama_cpp_build_number": build.get("build_number"),
-                        "llama_cpp_version": build.get("version")})
-    except (OSError, json.JSONDecodeError, AttributeError):
-        pass
+        import llama_cpp
+
+        info = llama_cpp.llama_print_system_info().decode("utf-8", "replace")
+    except Exception as e:  # noqa: BLE001 - a broken install still gets its version recorded
+        out["system_info_error"] = f"{type(e).__name__}: {e}"
+        return out
+    out["system_info"] = info.strip()
+    out["cpu_features"] = parse_system_info(info)
     return out
+
+
+def parse_system_info(info: str) -> list[str]:
+    """'CPU : SSE3 = 1 | AVX2 = 1 | AVX512 = 0 | ...' -> the enabled features: ['SSE3', 'AVX2', ...]."""
+    feats = []
+    for part in info.split("|"):
+        name, _, val = part.rpartition("=")
+        name = name.split(":")[-1].strip()
+        if name and val.strip() == "1":
+            feats.append(name)
+    return feats
 
 
 # ---------------------------------------------------------------- the run (parent)

@@ -67,7 +67,8 @@ def table(rows: list[dict], sep: str = "|") -> list[list[str]]:
         lat = r.get("latency") or {}
         ppl = r.get("perplexity") or {}
         row = [Path(r["artifact"]).name, r["backend"], _fmt(r.get("file_mb"), ".1f"), _fmt(r.get("bpw")), _fmt(ppl.get("value"), ".3f")]
-        row += [f"{100 * t[k]['acc']:.1f} / {100 * t[k]['acc_norm']:.1f}" if k in t else "-" for k in mc]
+        row += [f"{100 * t[k]['acc']:.1f} ± {100 * (t[k].get('acc_stderr') or 0):.1f} / {100 * t[k]['acc_norm']:.1f}"
+                if k in t else "-" for k in mc]
         row += [_fmt(t[k]["rougeL"], ".3f") if k in t else "-" for k in gen]
         row += [_fmt(a.get("kl"), ".4f"), _fmt(100 * a["top1"] if "top1" in a else None, ".1f"), _fmt(lat.get("load_s")),
                 _fmt(lat.get("ttft_ms"), ".0f"), _fmt(lat.get("prefill_tok_s"), ".1f"),
@@ -109,14 +110,22 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
     markers = {"gguf": "o", "onnx": "s", "hf": "^"}
     mc, _ = columns(ok)
 
-    def scatter(name, ylabel, value, title):
+    def scatter(name, ylabel, value, title, err=None):
         pts = [(r["file_mb"], value(r), r) for r in ok if value(r) is not None]
         if not pts:
             return
         fig, ax = plt.subplots(figsize=(7, 4.5))
+        placed: list[tuple[float, float]] = []
         for x, y, r in pts:
+            e = err(r) if err else None
+            if e:
+                ax.errorbar(x, y, yerr=e, fmt="none", ecolor="0.5", capsize=3, lw=1)
             ax.scatter(x, y, marker=markers.get(r["backend"], "o"), s=40)
-            ax.annotate(_label(r), (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+            # labels of nearby points are stacked instead of drawn over each other
+            near = sum(1 for px, py in placed if abs(px - x) < 0.06 * (ax.get_xlim()[1] - ax.get_xlim()[0] or 1)
+                       and abs(py - y) < 0.05 * (ax.get_ylim()[1] - ax.get_ylim()[0] or 1))
+            placed.append((x, y))
+            ax.annotate(_label(r), (x, y), fontsize=7, xytext=(4, 3 + 9 * near), textcoords="offset points")
         ax.set_xlabel("size on disk (MiB)")
         ax.set_ylabel(ylabel)
         ax.set_title(title)
@@ -133,7 +142,13 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
             t = r.get("tasks") or {}
             vals = [t[k]["acc"] for k in mc if k in t]
             return 100 * sum(vals) / len(vals) if vals else None
-        scatter("accuracy_vs_size.png", f"mean acc % ({', '.join(mc)})", acc, "accuracy vs size")
+        def acc_se(r):  # standard error of the mean over tasks (independent items)
+            t = r.get("tasks") or {}
+            ses = [t[k].get("acc_stderr") for k in mc if k in t]
+            if not ses or any(x is None for x in ses):
+                return None
+            return 100 * sum(x * x for x in ses) ** 0.5 / len(ses)
+        scatter("accuracy_vs_size.png", f"mean acc % ({', '.join(mc)}), ± standard error", acc, "accuracy vs size", acc_se)
     scatter("perplexity_vs_size.png", "perplexity (lower is better)", lambda r: (r.get("perplexity") or {}).get("value"),
             "perplexity vs size")
     scatter("decode_vs_size.png", "decode tok/s (tg128)", lambda r: (r.get("latency") or {}).get("decode_tok_s"),

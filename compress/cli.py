@@ -52,9 +52,11 @@ def register(sub) -> None:
     p.add_argument("--recipe", default=None, help="YAML file of prune settings (e.g. recipes/prune-default.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting (repeatable)")
     p.add_argument("--importance", choices=list(IMPORTANCE), default=None,
-                   help="how MLP channels, heads and hidden channels are ranked (default: magnitude)")
+                   help="how MLP channels, heads and hidden channels are ranked (default: activation, 3.5x lower WikiText "
+                        "perplexity than magnitude after MLP 1536->1024: studies/results/prune-quality.md)")
     p.add_argument("--layer-importance", dest="layer_importance", choices=list(LAYER_IMPORTANCE), default=None,
-                   help="how layers are ranked for dropping (default: block-influence)")
+                   help="how layers are ranked for dropping (default: block-influence, 85 vs 3,366 for magnitude after "
+                        "dropping 6 layers: studies/results/prune-quality.md)")
     p.add_argument("--sparsity", default=None, metavar="P|N:M",
                    help="then zero weights by magnitude: a fraction like 0.5, or 2:4 (files and CPU speed do not change)")
     add_dataclass_args(p, PruneConfig, skip=CUSTOM)

@@ -23,6 +23,8 @@ from edgesmith.config import to_dict
 from edgesmith.errors import ConfigError, EdgesmithError
 from edgesmith.trainloop import IGNORE, TrainConfig
 
+from .teacher_data import CorpusSpec
+
 HIDDEN_LOSSES = ("cosine", "mse")
 
 
@@ -103,7 +105,8 @@ class DistillConfig:
     student: str = ""
     """Student model (HF directory, e.g. the output of edgesmith prune); must share the teacher's vocabulary."""
     data: str = "teacher:256"
-    """A data file / prepared split directory, or teacher:N (N teacher answers to the shipped seed prompts, cached)."""
+    """teacher (a corpus the teacher writes with its top-k targets kept as it samples: see corpus), teacher:N (N teacher
+    answers to the shipped seed prompts, cached), or a data file / prepared split directory."""
     out: str = "out/distill"
     """Output HF directory for the distilled student (plus metrics.jsonl, loss.png, distill.json)."""
     loss: str = "forward_kl"
@@ -144,6 +147,8 @@ class DistillConfig:
     """teacher:N: sampling temperature for the teacher's answers."""
     teacher_batch_size: int = 16
     """teacher:N: prompts generated together."""
+    corpus: CorpusSpec = field(default_factory=CorpusSpec)
+    """data: teacher: what the teacher writes (size in tokens, text/chat mix, top-k kept, sampling); cached and resumable."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4, max_steps=200, warmup_steps=10, batch_size=4))
     """Optimiser, schedule and bookkeeping (edgesmith.trainloop.TrainConfig)."""
 
@@ -272,12 +277,14 @@ class TopkCache:
         self.logp = np.load(path / "logp.npy", mmap_mode="r")
         self.offsets = np.load(path / "offsets.npy")
 
-    def rows(self, example_ids, device):
-        """Concatenated rows of these examples (batch order) -> (idx [R, k] long, logp [R, k] float)."""
+    def rows(self, example_ids, device, counts=None):
+        """Concatenated rows of these examples (batch order) -> (idx [R, k] long, logp [R, k] float).
+        counts: rows to take from the start of each example (an example truncated to max_length)."""
         import numpy as np
         import torch
 
-        sl = [slice(int(self.offsets[e]), int(self.offsets[e + 1])) for e in example_ids]
+        sl = [slice(int(self.offsets[e]), int(self.offsets[e + 1]) if counts is None else int(self.offsets[e]) + int(c))
+              for e, c in zip(example_ids, counts if counts is not None else example_ids)]
         idx = torch.from_numpy(np.concatenate([self.idx[s] for s in sl]).astype(np.int64)).to(device)
         logp = torch.from_numpy(np.concatenate([self.logp[s] for s in sl]).astype(np.float32)).to(device)
         return idx, logp
@@ -292,7 +299,7 @@ def make_loss_fn(teacher, cfg: DistillConfig, pairs: list[tuple[int, int]], proj
     from torch.utils.checkpoint import checkpoint
 
     T, kind = cfg.temperature, cfg.loss
-    t_head = _unwrap(teacher).get_output_embeddings()
+    t_head = _unwrap(teacher).get_output_embeddings() if teacher is not None else None  # None: every target is cached
 
     def chunk_loss(s_rows, t_rows, t_idx, t_logp, labels, s_head):
         # s_rows [C, Hs] student final hidden; t_rows [C, Ht] teacher final hidden (or None with a cache)
@@ -323,7 +330,7 @@ def make_loss_fn(teacher, cfg: DistillConfig, pairs: list[tuple[int, int]], proj
         t_rows = t_hs[-1][:, :-1][m] if (t_hs is not None and cache is None) else None  # [N, Ht]
         t_idx = t_logp = None
         if cache is not None:
-            t_idx, t_logp = cache.rows(batch["index"].tolist(), ids.device)
+            t_idx, t_logp = cache.rows(batch["index"].tolist(), ids.device, m.sum(1).tolist())
             if t_idx.shape[0] != s_rows.shape[0]:
                 raise EdgesmithError("teacher top-k cache does not match the data (delete the cache entry and rerun)")
         s_head = _unwrap(student).get_output_embeddings()
@@ -348,6 +355,49 @@ def make_loss_fn(teacher, cfg: DistillConfig, pairs: list[tuple[int, int]], proj
 
 
 # ---------------------------------------------------------------- the stage
+
+
+def corpus_examples(corpus: Path, cfg: DistillConfig) -> tuple[list[dict], list[dict], dict]:
+    """The teacher corpus as (train, validation) examples, every token a label; `index` is the example's row in the
+    corpus' top-k cache. The validation slice is a seeded random val_fraction of the sequences."""
+    import random
+
+    import numpy as np
+
+    ids = np.load(corpus / "ids.npy")
+    off = np.load(corpus / "id_offsets.npy")
+    meta = json.loads((corpus / "meta.json").read_text())
+    ex = []
+    for e in range(len(off) - 1):
+        seq = ids[off[e]:off[e + 1]][: cfg.max_length].tolist()
+        ex.append({"input_ids": seq, "labels": list(seq), "index": e})
+    order = list(range(len(ex)))
+    random.Random(cfg.train.seed).shuffle(order)
+    n_val = min(len(ex) - 1, max(1, int(round(cfg.val_fraction * len(ex))))) if cfg.val_fraction > 0 and len(ex) >= 2 else 0
+    val = sorted(order[:n_val])
+    train = sorted(order[n_val:])
+    info = {"kind": "teacher-corpus", "corpus": str(corpus), "tokens": meta["tokens"], "examples": meta["examples"],
+            "mix": meta["mix"], "topk": meta["k"], "bf16_sampling": meta["bf16"],
+            "train_tokens": int(sum(len(ex[i]["input_ids"]) for i in train)),
+            "validation_tokens": int(sum(len(ex[i]["input_ids"]) for i in val)), "validation_examples": val}
+    return [ex[i] for i in train], [ex[i] for i in val], info
+
+
+def heldout_text(cfg: DistillConfig) -> str:
+    """The held-out slice of the training data as plain text (the bench's second perplexity)."""
+    if cfg.data == "teacher":
+        from .teacher_data import build_teacher_corpus
+
+        corpus = build_teacher_corpus(cfg.teacher, cfg.corpus, progress=False)
+        _, val, _ = corpus_examples(corpus, cfg)
+        rows = [json.loads(x) for x in (corpus / "examples.jsonl").read_text(encoding="utf-8").splitlines() if x.strip()]
+        from edgesmith import modelio
+
+        tok = modelio.load_tokenizer(modelio.resolve(cfg.teacher))
+        # the text the student saw, without special tokens (chat prompts keep their role lines)
+        return "\n\n".join(tok.decode(e["input_ids"], skip_special_tokens=True).strip() for e in val)
+    _, val, _ = load_data(cfg)
+    return "\n\n".join(m["content"] for r in val for m in r.get("messages", []) if m.get("role") == "assistant")
 
 
 def load_data(cfg: DistillConfig):
@@ -390,35 +440,54 @@ def run(cfg: DistillConfig) -> Path:
     from accelerate import PartialState
 
     device = PartialState().device  # this process's GPU under accelerate launch, else cpu
-    teacher = modelio.load_model(t_path, dtype="float32", device=str(device)).eval().requires_grad_(False)
+    pad_id = s_tok.pad_token_id if s_tok.pad_token_id is not None else s_tok.eos_token_id
+    cache = None
+    if cfg.data == "teacher":
+        # the teacher writes the corpus and its top-k targets in one pass; training reads both from disk
+        import time
+
+        from .teacher_data import build_teacher_corpus
+
+        t0 = time.time()
+        corpus = build_teacher_corpus(cfg.teacher, cfg.corpus)
+        train_ex, val_ex, data_info = corpus_examples(corpus, cfg)
+        data_info["seconds"] = round(time.time() - t0, 1)
+        cache = TopkCache(corpus)
+        tr_counts = {"records": len(train_ex), "tokens": data_info["train_tokens"], "truncated": 0}
+        va_counts = {"records": len(val_ex), "tokens": data_info["validation_tokens"]}
+        print(f"distill: teacher corpus {data_info['tokens']} tokens ({data_info['mix']['text']['tokens']} free text, "
+              f"{data_info['mix']['chat']['tokens']} chat), {len(train_ex)} train / {len(val_ex)} validation sequences")
+    else:
+        train_recs, val_recs, data_info = load_data(cfg)
+        # packing cuts the concatenated stream into blocks, so nothing is truncated per example
+        enc_len = 1 << 30 if cfg.packing else cfg.max_length
+        train_ex, tr_counts = encode_records(train_recs, s_tok, enc_len, cfg.assistant_only)
+        val_ex, va_counts = encode_records(val_recs, s_tok, enc_len, cfg.assistant_only) if val_recs else ([], {})
+        if cfg.packing:
+            train_ex = pack(train_ex, cfg.max_length)
+            val_ex = pack(val_ex, cfg.max_length) if val_ex else []
+        print(f"distill: {len(train_ex)} train / {len(val_ex)} validation examples ({tr_counts['tokens']} train tokens, "
+              f"{tr_counts['truncated']} truncated to {cfg.max_length})")
+
+    # the teacher stays out of memory when the cache holds every target the loss needs
+    need_teacher = cfg.data != "teacher" or cfg.hidden_weight > 0
+    teacher = modelio.load_model(t_path, dtype="float32", device=str(device)).eval().requires_grad_(False) if need_teacher else None
     student = modelio.load_model(s_path, dtype="float32")
-    if teacher.get_output_embeddings().weight.shape[0] != student.get_output_embeddings().weight.shape[0]:
+    if teacher is not None and teacher.get_output_embeddings().weight.shape[0] != student.get_output_embeddings().weight.shape[0]:
         raise EdgesmithError(f"teacher and student output layers differ in vocabulary size "
                              f"({teacher.get_output_embeddings().weight.shape[0]} vs {student.get_output_embeddings().weight.shape[0]})")
 
-    train_recs, val_recs, data_info = load_data(cfg)
-    # packing cuts the concatenated stream into blocks, so nothing is truncated per example
-    enc_len = 1 << 30 if cfg.packing else cfg.max_length
-    train_ex, tr_counts = encode_records(train_recs, s_tok, enc_len, cfg.assistant_only)
-    val_ex, va_counts = encode_records(val_recs, s_tok, enc_len, cfg.assistant_only) if val_recs else ([], {})
-    if cfg.packing:
-        train_ex = pack(train_ex, cfg.max_length)
-        val_ex = pack(val_ex, cfg.max_length) if val_ex else []
-    print(f"distill: {len(train_ex)} train / {len(val_ex)} validation examples ({tr_counts['tokens']} train tokens, "
-          f"{tr_counts['truncated']} truncated to {cfg.max_length})")
-    pad_id = s_tok.pad_token_id if s_tok.pad_token_id is not None else s_tok.eos_token_id
-
-    cache = None
-    if cfg.cache_teacher_topk:
+    if cfg.cache_teacher_topk and cache is None:
         key = hashlib.sha256(json.dumps([model_fingerprint(t_path), cfg.cache_teacher_topk,
                                          [e["input_ids"] for e in train_ex], [e["labels"] for e in train_ex]]).encode()).hexdigest()[:20]
         cache = TopkCache(build_topk_cache(teacher, train_ex, cfg.cache_teacher_topk, key, pad_id))
 
-    n_s, n_t = student.config.num_hidden_layers, teacher.config.num_hidden_layers
+    n_s = student.config.num_hidden_layers
+    n_t = modelio.read_hf_config(t_path).get("num_hidden_layers", n_s)
     pairs = parse_pairs(cfg.layer_pairs, n_s, n_t) if cfg.layer_pairs else default_layer_pairs(n_s, n_t)
     extra, proj = {}, None
     if cfg.hidden_weight > 0:
-        hs, ht = student.config.hidden_size, teacher.config.hidden_size
+        hs, ht = student.config.hidden_size, teacher.config.hidden_size  # hidden_weight > 0: the teacher is loaded
         # a learned projection only where widths differ (hidden-size pruning); identity otherwise
         proj = torch.nn.ModuleList([torch.nn.Linear(hs, ht, bias=False) if hs != ht else torch.nn.Identity() for _ in pairs])
         if hs != ht:
@@ -435,8 +504,8 @@ def run(cfg: DistillConfig) -> Path:
         student.requires_grad_(True)
 
     loss_fn = make_loss_fn(teacher, cfg, pairs, proj, cache)
-    # validation always with the live teacher (the cache covers training examples only)
-    val_loss_fn = make_loss_fn(teacher, cfg, pairs, proj, None) if cache is not None else None
+    # validation: the teacher corpus' cache covers its held-out sequences too; build_topk_cache covers training only
+    val_loss_fn = make_loss_fn(teacher, cfg, pairs, proj, None) if cache is not None and cfg.data != "teacher" else None
     res = train(student, train_ex, loss_fn, cfg.train, out, pad_id=pad_id, val_examples=val_ex or None,
                 extra_modules=extra, val_loss_fn=val_loss_fn,
                 run_info={"stage": "distill", "teacher": str(t_path), "student": str(s_path)})
@@ -462,7 +531,10 @@ def run(cfg: DistillConfig) -> Path:
         "stage": "distill", "teacher": str(t_path), "student": str(s_path), "data": data_info,
         "examples": {"train": len(train_ex), "validation": len(val_ex), "train_counts": tr_counts, "validation_counts": va_counts},
         "layer_pairs": [f"{a}:{b}" for a, b in pairs] if cfg.hidden_weight > 0 else [],
-        "teacher_topk_cache": cfg.cache_teacher_topk or None,
+        "teacher_topk_cache": (cfg.corpus.topk if cfg.data == "teacher" else cfg.cache_teacher_topk) or None,
+        # how much of the corpus training saw: epochs > 1 means tokens were repeated
+        "epochs": round(res.tokens / max(1, tr_counts["tokens"]), 3),
+        "train_tokens_per_s": round(res.tokens / max(res.seconds, 1e-9), 1),
         "result": result_dict(res), "config": to_dict(cfg),
     })
     return out

@@ -1,143 +1,441 @@
-"""`edgesmith chat MODEL`: talk to an HF directory, a GGUF file or an ONNX export, streaming tokens
-and stopping at the model's end-of-turn token. `--prompt` answers once and exits."""
+"""`edgesmith chat MODEL`: a preview of what the device will do with a model.
+
+A GGUF file, `default` (the embedded model is a GGUF) and an `edgesmith export` directory run through
+llama.cpp, the runtime Ollama uses; an HF directory runs through PyTorch, an ONNX export through
+onnxruntime. Sampling defaults are the model's own, from the source the Modelfile writer uses
+(export/ollama.py `sampling_defaults`: its temperature, top_p and stop strings, plus Ollama's top_k and
+repeat penalty for what a Modelfile leaves unset), so an answer here previews `ollama run` on the exported
+files. `--temperature 0` is greedy, `--repeat-penalty 1` turns the penalty off, `--seed` makes sampled
+answers reproducible. After each answer one line on stderr: new tokens, time to first token, decode
+tok/s and finish reason. `--prompt` answers once and exits.
+"""
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
+import os
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import EdgesmithError
 
+# Each runtime below only turns tokens into next-token logits (prompt_text/encode/decode/first/next).
+# Templating, sampling, stopping, streaming and timing are the one loop in `answer`, so the three
+# backends cannot drift apart: same sampler, same stop rules, speed measured the same way.
+
+
+def _llama_threads() -> int:
+    """Physical cores (Ollama's default num_thread), within this process's CPU affinity: llama.cpp's threads
+    spin-wait at every step, so a thread sharing a core with another (or a busy one) slows decoding down."""
+    import psutil
+
+    n = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    if hasattr(os, "sched_getaffinity"):
+        n = min(n, len(os.sched_getaffinity(0)))
+    return max(1, n)
+
 
 class HFChat:
-    """transformers backend: chat template from the tokenizer, eos from generation_config."""
+    """PyTorch (transformers) over an HF directory, KV cache kept between tokens."""
+
+    name = "PyTorch"
+    n_ctx = None  # no fixed KV allocation: the model's position limit is the only bound
 
     def __init__(self, spec: str, threads: int | None = None):
         import torch
 
-        from .modelio import load
+        from .export.ollama import model_sampling
+        from .modelio import load, resolve
 
         if threads:
             torch.set_num_threads(threads)
+        self.torch, self.spec = torch, spec
         self.model, self.tok = load(spec)
+        self.model.eval()
+        eos = self.model.generation_config.eos_token_id
+        eos = self.model.config.eos_token_id if eos is None else eos
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.sampling = model_sampling(resolve(spec))
 
-    def reply(self, messages, max_new_tokens, temperature, out) -> tuple[str, str]:
-        import torch
-        from transformers import TextStreamer
+    def prompt_text(self, messages) -> str:
+        try:
+            return self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except ValueError as e:  # transformers' "no chat template" is a property of the model, not a bug
+            raise EdgesmithError(f"{self.spec}: {e}") from None
 
-        ids = self.tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)  # the template already wrote bos etc.
 
-        class _Stream(TextStreamer):
-            def on_finalized_text(self, text, stream_end=False):
-                out.write(text)
-                out.flush()
+    def decode(self, ids) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=True)
 
-        gen = self.model.generation_config
-        kw = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens, pad_token_id=gen.pad_token_id)
-        if temperature > 0:
-            kw.update(temperature=temperature, top_p=0.95)
-        else:
-            kw.update(temperature=None, top_p=None, top_k=None)
-        with torch.inference_mode():
-            seq = self.model.generate(ids, attention_mask=torch.ones_like(ids), streamer=_Stream(self.tok, skip_prompt=True, skip_special_tokens=True), **kw)
-        new = seq[0, ids.shape[1]:].tolist()
-        eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
-        finish = "stop" if new and new[-1] in eos else "length"
-        return self.tok.decode(new, skip_special_tokens=True), finish
+    def first(self, ids):
+        t = self.torch
+        with t.inference_mode():
+            out = self.model(input_ids=t.tensor([list(ids)]), use_cache=True, logits_to_keep=1)
+        self.past = out.past_key_values
+        return out.logits[0, -1].float().numpy()
+
+    def next(self, tok: int):
+        t = self.torch
+        with t.inference_mode():
+            out = self.model(input_ids=t.tensor([[tok]]), past_key_values=self.past, use_cache=True)
+        self.past = out.past_key_values
+        return out.logits[0, -1].float().numpy()
 
     def close(self):
-        pass
+        self.model = None
 
 
 def _probe_gguf(path: str) -> bool:
     """Child process: load the GGUF in llama.cpp and decode one token (a crash here is contained)."""
-    import llama_cpp
+    from .bench.backends import GGUFLM
 
+    lm = GGUFLM(Path(path), threads=1, n_ctx=64)
     try:
-        llm = llama_cpp.Llama(path, n_ctx=64, verbose=False)
-    except (ValueError, RuntimeError) as e:
-        raise EdgesmithError(f"{path}: llama.cpp could not load this GGUF ({e})") from None
-    try:
-        llm.eval([max(llm.token_bos(), 0)])
+        lm.prefill([max(lm.bos_id, 0)])
     finally:
-        llm.close()
+        lm.close()
     return True
 
 
 class GGUFChat:
-    """llama.cpp backend: the GGUF's own chat template and end-of-turn token."""
+    """llama.cpp through bench's GGUFLM (the same access code the latency numbers come from): the GGUF's
+    own tokenizer and chat template, one llama_decode per token."""
 
-    def __init__(self, path: str, threads: int | None = None, n_ctx: int = 2048):
-        import llama_cpp
+    name = "llama.cpp"
 
-        from .modelio import facts
-
-        facts(path)  # validate header, architecture and tensor table before native code sees the file
+    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+        from .bench.backends import GGUFLM
+        from .export.ollama import MAX_NUM_CTX
+        from .modelio import validate_gguf
         from .native import run_isolated
 
+        path = Path(path)
+        validate_gguf(path)  # header, architecture and tensor table before native code sees the file
         # the first load + decode happens in a child: an abort in llama.cpp ends that child, not the chat
-        run_isolated(_probe_gguf, str(path), what=f"llama.cpp loading {Path(path).name}")
-        try:
-            self.llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=threads, verbose=False)
-        except (ValueError, RuntimeError) as e:
-            raise EdgesmithError(f"{path}: llama.cpp could not load this GGUF ({e})") from None
+        run_isolated(_probe_gguf, str(path), what=f"llama.cpp loading {path.name}")
+        # Ollama's context for the exported model (the Modelfile's num_ctx for any model that long)
+        self.lm = GGUFLM(path, threads=threads or _llama_threads(), n_ctx=MAX_NUM_CTX)
+        self.n_ctx, self.path = MAX_NUM_CTX, path
+        self.eos_ids = set(self.lm.eos_ids)
+        if not self.lm.chat_template:
+            self.close()
+            raise EdgesmithError(f"{path}: the GGUF has no chat template (tokenizer.chat_template)")
+        self.sampling = self.model_sampling()
 
-    def reply(self, messages, max_new_tokens, temperature, out) -> tuple[str, str]:
-        text, finish = [], "length"
-        for chunk in self.llm.create_chat_completion(messages, max_tokens=max_new_tokens, temperature=temperature,
-                                                     top_p=0.95 if temperature > 0 else 1.0, top_k=40 if temperature > 0 else 1,
-                                                     stream=True, seed=0):
-            ch = chunk["choices"][0]
-            piece = ch["delta"].get("content") or ""
-            if piece:
-                out.write(piece)
-                out.flush()
-                text.append(piece)
-            if ch.get("finish_reason"):
-                finish = ch["finish_reason"]
-        return "".join(text), finish
+    def model_sampling(self):
+        """sampling_defaults from what the GGUF carries: its template, its control tokens as the special tokens
+        (what `added_tokens_decoder` marks special in an HF tokenizer_config), no generation config."""
+        from .export.ollama import sampling_defaults
+
+        L, lm = self.lm.L, self.lm
+        specials = {str(t): {"content": lm._piece(t), "special": True}
+                    for t in range(lm.n_vocab) if L.llama_vocab_is_control(lm.vocab, t)}
+        return sampling_defaults(lm.chat_template, {**lm.special, "added_tokens_decoder": specials}, {})
+
+    def prompt_text(self, messages) -> str:
+        from .export.onnx import render_chat_template
+
+        return render_chat_template(self.lm.chat_template, messages, add_generation_prompt=True, special=self.lm.special)
+
+    def encode(self, text: str) -> list[int]:
+        ids = self.lm.encode(text, special=True)
+        # a vocabulary that wants bos gets it once, unless the template already wrote it
+        bos = self.lm.special.get("bos_token")
+        if self.lm.add_bos and self.lm.bos_id >= 0 and not (bos and text.startswith(bos)):
+            ids = [self.lm.bos_id] + ids
+        return ids
+
+    def decode(self, ids) -> str:
+        return self.lm.decode(ids)
+
+    # GGUFLM.prefill/step return the greedy token; the full logits row they computed is still in
+    # llama.cpp's buffer (a view, no copy), and the sampler below copies it before changing anything
+    def first(self, ids):
+        self.lm.prefill(list(ids))
+        return self.lm._row(len(ids) - 1)
+
+    def next(self, tok: int):
+        self.lm.step(tok)
+        return self.lm._row(0)
 
     def close(self):
-        self.llm.close()
+        self.lm.close()
 
 
 class OnnxChat:
-    """onnxruntime backend (an `edgesmith export --onnx` directory), no torch needed."""
+    """onnxruntime over an `edgesmith export --onnx` directory (no torch needed), KV cache between tokens."""
 
-    def __init__(self, path: str, threads: int | None = None):
+    name = "onnxruntime"
+    n_ctx = None
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+        from .export.ollama import model_sampling
         from .export.onnx import OnnxLM
 
         self.lm = OnnxLM(path, threads=threads)
+        self.eos_ids = set(self.lm.eos_ids)
+        self.sampling = model_sampling(Path(path))
 
-    def reply(self, messages, max_new_tokens, temperature, out) -> tuple[str, str]:
-        return self.lm.chat(messages, max_new_tokens=max_new_tokens, temperature=temperature, stream=out)
+    def prompt_text(self, messages) -> str:
+        return self.lm.apply_chat_template(messages)
+
+    def encode(self, text: str) -> list[int]:
+        return self.lm.tokenize(text, add_special_tokens=False)
+
+    def decode(self, ids) -> str:
+        return self.lm.decode(list(ids), skip_special_tokens=True)
+
+    def first(self, ids):
+        logits, self.past = self.lm._step(list(ids), self.lm._empty_past(), 0)
+        self.pos = len(ids)
+        return logits[-1]
+
+    def next(self, tok: int):
+        logits, self.past = self.lm._step([tok], self.past, self.pos)
+        self.pos += 1
+        return logits[-1]
 
     def close(self):
-        pass
+        self.lm = None
+
+
+# ---------------------------------------------------------------- choosing the runtime
+
+
+def _export_dir_choice(d: Path):
+    """An `edgesmith export` directory -> (GGUF to run, the sampling its Modelfile was written with or None).
+    Q4_K_M first: the quant the pipeline tells users to `ollama create`."""
+    from .export.ollama import Sampling
+
+    try:
+        files = json.loads((d / "export.json").read_text(encoding="utf-8")).get("files") or []
+    except (OSError, ValueError, AttributeError) as e:
+        raise EdgesmithError(f"{d / 'export.json'}: unreadable export manifest ({e})") from None
+    ggufs = []
+    for e in files:
+        t = str(e.get("type", "")) if isinstance(e, dict) else ""
+        if t.startswith("gguf-") and not t.startswith("gguf-lora") and isinstance(e.get("path"), str):
+            p = Path(e["path"]) if Path(e["path"]).is_absolute() else d / e["path"]
+            if p.is_file():
+                ggufs.append((t, p))
+    if not ggufs:
+        return None, None
+    path = next((p for t, p in ggufs if t == "gguf-Q4_K_M"), ggufs[0][1])
+    for e in files:
+        checks = e.get("checks") if isinstance(e, dict) and e.get("type") == "modelfile" else None
+        rec = checks.get("sampling") if isinstance(checks, dict) and checks.get("from") == f"./{path.name}" else None
+        if isinstance(rec, dict):
+            try:
+                return path, Sampling(**{**rec, "stop": tuple(rec.get("stop") or ())})
+            except TypeError:  # written by a different edgesmith version: derive from the GGUF instead
+                break
+    return path, None
 
 
 def open_backend(spec: str, threads: int | None = None):
-    from .modelio import is_gguf_file
+    """The runtime for MODEL: llama.cpp for `default`, a .gguf or an export directory; onnxruntime for an
+    ONNX directory; PyTorch for an HF directory. It carries `.sampling`, the model's defaults."""
+    from .modelio import default_gguf, is_gguf_file, source_path
 
-    p = Path(spec)
-    if spec != "default" and p.is_file():
+    if spec == "default":
+        bot = GGUFChat(default_gguf(), threads)
+        bot.label = f"default ({bot.path.name})"
+        return bot
+    p = source_path(spec)  # a path that does not exist gets its one-line error here
+    bot = None
+    if p.is_file():
         if not is_gguf_file(p):
             raise EdgesmithError(f"{p}: not a GGUF file (bad magic)")
-        return GGUFChat(spec, threads)
-    if p.is_dir() and any(p.glob("*.onnx")):
-        return OnnxChat(spec, threads)
-    return HFChat(spec, threads)
+        bot = GGUFChat(p, threads)
+    elif any(p.glob("*.onnx")):
+        bot = OnnxChat(p, threads)
+    elif (p / "export.json").is_file() and not (p / "config.json").is_file():
+        gguf, recorded = _export_dir_choice(p)
+        if gguf is not None:
+            bot = GGUFChat(gguf, threads)
+            bot.sampling = recorded or bot.sampling
+        elif any((p / "onnx").glob("*.onnx")):
+            bot = OnnxChat(p / "onnx", threads)
+        else:
+            raise EdgesmithError(f"{p}: the export directory has no GGUF or ONNX model to chat with")
+    if bot is None:
+        bot = HFChat(spec, threads)
+    bot.label = str(getattr(bot, "path", spec))
+    return bot
+
+
+# ---------------------------------------------------------------- sampling, stopping, streaming
+
+
+def sample(logits, context: list[int], s, rng) -> int:
+    """One token from next-token logits with llama.cpp's sampler chain, the one Ollama's llama.cpp runner
+    applies to every PARAMETER: repeat penalty on the distinct tokens among the last `repeat_last_n` of the
+    context (the prompt included: Ollama feeds the prompt to its sampler too; logits <= 0 multiplied, others
+    divided) -> top-k -> top-p on the softmax of what is left -> temperature -> a draw from `rng`.
+    Temperature 0 is greedy, still after the penalty (llama.cpp's temperature-0 sampler does the same)."""
+    import numpy as np
+
+    x = np.array(logits, dtype=np.float32)  # a copy: the runtime's buffer (llama.cpp's) is not ours to change
+    n = len(context) if s.repeat_last_n < 0 else min(s.repeat_last_n, len(context))
+    if s.repeat_penalty != 1.0 and n > 0:
+        seen = np.unique(np.asarray(context[-n:], dtype=np.int64))
+        v = x[seen]
+        x[seen] = np.where(v <= 0, v * s.repeat_penalty, v / s.repeat_penalty)
+    if s.temperature <= 0:
+        return int(x.argmax())
+    k = s.top_k if 0 < s.top_k < len(x) else len(x)  # top_k <= 0: the whole vocabulary (as llama.cpp)
+    top = np.argpartition(-x, k - 1)[:k] if k < len(x) else np.arange(len(x))
+    top = top[np.argsort(-x[top], kind="stable")]
+    v = x[top].astype(np.float64)
+    if s.top_p < 1.0:
+        p = np.exp(v - v[0])
+        keep = int(np.searchsorted(np.cumsum(p / p.sum()), s.top_p)) + 1  # smallest set reaching top_p
+        top, v = top[:keep], v[:keep]
+    c = np.cumsum(np.exp((v - v[0]) / s.temperature))
+    return int(top[min(int(np.searchsorted(c, rng.random() * c[-1], side="right")), len(top) - 1)])
+
+
+class _Stream:
+    """The visible answer, written as it grows. Tokens are decoded over a short window, not one by one: a
+    token can end half a UTF-8 character or change how its neighbour decodes. A tail that could be the start
+    of a stop string is held back until it is known not to be one, so a stop string is never shown."""
+
+    def __init__(self, decode, stops: list[str], out):
+        self.decode, self.stops, self.out = decode, [s for s in stops if s], out
+        self.ids: list[int] = []
+        self.prefix = self.read = 0
+        self.held, self.parts = "", []
+
+    def push(self, tok: int) -> bool:
+        """Add a token; True when the answer now contains a stop string (the text before it is kept)."""
+        self.ids.append(tok)
+        before = self.decode(self.ids[self.prefix:self.read])
+        now = self.decode(self.ids[self.prefix:])
+        if len(now) <= len(before) or now.endswith("\ufffd"):
+            return False  # nothing visible yet, or an incomplete character
+        self.held += now[len(before):]
+        self.prefix, self.read = self.read, len(self.ids)
+        hits = [i for i in (self.held.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self._emit(self.held[:min(hits)])
+            self.held = ""
+            return True
+        keep = max((k for s in self.stops for k in range(1, len(s)) if self.held.endswith(s[:k])), default=0)
+        self._emit(self.held[:len(self.held) - keep])
+        self.held = self.held[len(self.held) - keep:]
+        return False
+
+    def finish(self) -> str:
+        self._emit(self.held)
+        self.held = ""
+        return "".join(self.parts)
+
+    def _emit(self, text: str) -> None:
+        if text:
+            self.parts.append(text)
+            if self.out is not None:
+                self.out.write(text)
+                self.out.flush()
+
+
+@dataclass
+class Answer:
+    text: str
+    finish: str             # "stop": end-of-turn token or stop string; "length": max_new_tokens or a full context
+    ids: list[int]          # every sampled token, the end-of-turn token included
+    prompt_ids: list[int]
+    ttft_s: float           # template + tokenisation + prefill + first sample
+    decode_tps: float | None  # tokens after the first / the time they took
+
+
+def answer(bot, messages, s, max_new_tokens: int, rng, out=None) -> Answer:
+    """Generate one answer with `bot` and sampling `s`, streaming the visible text to `out`."""
+    t0 = time.perf_counter()
+    prompt = bot.encode(bot.prompt_text(messages))
+    if bot.n_ctx and len(prompt) >= bot.n_ctx:
+        raise EdgesmithError(f"the conversation ({len(prompt)} tokens) fills the context of {bot.n_ctx}: /reset to start over")
+    # a stop string that is one special token is matched as that token: special tokens never reach the
+    # visible text, so a text match could not see them; other stop strings are matched in the text
+    stop_ids, text_stops = set(bot.eos_ids), []
+    for st in s.stop:
+        ids = bot.encode(st)
+        if len(ids) == 1 and bot.decode(ids) == "":
+            stop_ids.add(ids[0])
+        else:
+            text_stops.append(st)
+    stream = _Stream(bot.decode, text_stops, out)
+    context, new, finish = list(prompt), [], "length"
+    logits = bot.first(prompt)
+    t_first = None
+    for i in range(max_new_tokens):
+        tok = sample(logits, context, s, rng)
+        new.append(tok)
+        t_first = t_first or time.perf_counter()
+        if tok in stop_ids or stream.push(tok):
+            finish = "stop"
+            break
+        context.append(tok)
+        if i + 1 == max_new_tokens or (bot.n_ctx and len(context) >= bot.n_ctx):
+            break
+        logits = bot.next(tok)
+    t_end = time.perf_counter()
+    steps = len(new) - 1
+    return Answer(stream.finish(), finish, new, prompt, t_first - t0,
+                  steps / (t_end - t_first) if steps > 0 and t_end > t_first else None)
+
+
+def speed_line(a: Answer, runtime: str) -> str:
+    rate = f"{a.decode_tps:.1f} tok/s" if a.decode_tps else "n/a"
+    return (f"[{runtime}: {len(a.ids)} new tokens, time to first token {a.ttft_s:.2f} s, decode {rate}, "
+            f"finish reason '{a.finish}']")
+
+
+def describe(s) -> str:
+    mode = "greedy" if s.temperature <= 0 else f"temperature {s.temperature:g}, top_p {s.top_p:g}, top_k {s.top_k}"
+    pen = f"repeat_penalty {s.repeat_penalty:g} (last {s.repeat_last_n})" if s.repeat_penalty != 1.0 else "no repeat penalty"
+    return f"{mode}, {pen}, stop {list(s.stop)}"
+
+
+# ---------------------------------------------------------------- the command
+
+
+# flag -> (valid?, what is valid); top_k takes any integer (<= 0: the whole vocabulary)
+_LIMITS = {"temperature": (lambda v: v >= 0, ">= 0 (0 = greedy)"), "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+           "repeat_penalty": (lambda v: v > 0, "> 0 (1 = off)"), "max_new_tokens": (lambda v: v >= 1, ">= 1"),
+           "threads": (lambda v: v >= 1, ">= 1"), "seed": (lambda v: v >= 0, ">= 0")}
+SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "repeat_penalty")
+
+
+def _check_flags(args) -> None:
+    for k, (ok, want) in _LIMITS.items():
+        v = getattr(args, k)
+        if v is not None and not (math.isfinite(v) and ok(v)):
+            raise EdgesmithError(f"--{k.replace('_', '-')} must be {want}, got {v}")
 
 
 def cmd_chat(args) -> int:
+    import numpy as np
+
+    _check_flags(args)  # before a model is loaded
     bot = open_backend(args.model, args.threads)
-    history = [{"role": "system", "content": args.system}] if args.system else []
-    out = sys.stdout
     try:
+        # the model's defaults, with the flags given on top
+        s = dataclasses.replace(bot.sampling, **{k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k) is not None})
+        rng = np.random.default_rng(args.seed)  # seed None: fresh entropy, as Ollama's default seed -1
+        print(f"edgesmith chat: {bot.label} through {bot.name}; sampling: {describe(s)}"
+              + (f", seed {args.seed}" if args.seed is not None else ""), file=sys.stderr)
+        history = [{"role": "system", "content": args.system}] if args.system else []
+        out = sys.stdout
         if args.prompt is not None:
-            _, finish = bot.reply(history + [{"role": "user", "content": args.prompt}], args.max_new_tokens, args.temperature, out)
+            a = answer(bot, history + [{"role": "user", "content": args.prompt}], s, args.max_new_tokens, rng, out)
             out.write("\n")
-            if finish != "stop":
-                print(f"[stopped after {args.max_new_tokens} tokens: finish reason '{finish}']", file=sys.stderr)
+            out.flush()
+            print(speed_line(a, bot.name), file=sys.stderr)
             return 0
         print("edgesmith chat: type a message, /reset to clear history, /exit or Ctrl-D to quit", file=sys.stderr)
         while True:
@@ -153,20 +451,32 @@ def cmd_chat(args) -> int:
                 continue
             if not line.strip():
                 continue
-            history.append({"role": "user", "content": line})
-            text, _ = bot.reply(history, args.max_new_tokens, args.temperature, out)
+            try:
+                a = answer(bot, history + [{"role": "user", "content": line}], s, args.max_new_tokens, rng, out)
+            except EdgesmithError as e:  # a full context ends this turn, not the session
+                print(f"edgesmith chat: {e}", file=sys.stderr)
+                continue
             out.write("\n")
-            history.append({"role": "assistant", "content": text})
+            out.flush()
+            print(speed_line(a, bot.name), file=sys.stderr)
+            history += [{"role": "user", "content": line}, {"role": "assistant", "content": a.text}]
     finally:
         bot.close()
 
 
 def register(sub) -> None:
-    p = sub.add_parser("chat", help="chat with a model (HF dir, .gguf, ONNX dir or 'default')", description=__doc__)
-    p.add_argument("model", help="HF model directory, .gguf file, ONNX export directory, or 'default'")
+    p = sub.add_parser("chat", help="chat with a model (default, .gguf, export dir, HF dir or ONNX dir)", description=__doc__)
+    p.add_argument("model", help="'default', a .gguf file or an `edgesmith export` directory (llama.cpp), "
+                                 "an HF model directory (PyTorch), or an ONNX export directory (onnxruntime)")
     p.add_argument("--prompt", help="answer this one message and exit (no interactive loop)")
     p.add_argument("--system", help="system prompt (default: the chat template's own, if any)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per answer at most (default 256)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: library default)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0 = greedy; default: the model's (its Modelfile's, e.g. 0.2)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling (default: the model's, e.g. 0.9)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens; 0 = all (default 40, Ollama's)")
+    p.add_argument("--repeat-penalty", type=float, default=None,
+                   help="penalty on tokens among the last 64 of the context; 1 = off (default 1.1, Ollama's)")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling: the same seed gives the same answer (default: random)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: llama.cpp the physical cores, as Ollama; PyTorch/onnxruntime their own)")
     p.set_defaults(func=cmd_chat)

@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import importlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -175,15 +176,14 @@ def _distill_cfg(ctx: Ctx, sec: dict):
 
 
 def _distill_run(ctx: Ctx, cfg, work: Path) -> Path:
-    from edgesmith.distill.distill import load_data, run
+    from edgesmith.distill.distill import heldout_text, run
 
     cfg = dataclasses.replace(cfg, out=str(work))
     cfg.train.resume = (work / "checkpoint" / "state.pt").is_file()  # an interrupted run continues
     out = run(cfg)
     # the held-out slice of the training corpus, as plain text: the bench stage measures every format's
     # perplexity on it (text the student never trained on, in the distribution it was distilled on)
-    _, val, _ = load_data(cfg)
-    text = "\n\n".join(m["content"] for r in val for m in r.get("messages", []) if m.get("role") == "assistant")
+    text = heldout_text(cfg)
     if text.strip():
         from .fsutil import write_text
 
@@ -263,12 +263,22 @@ class BenchStage:
     """Evaluation data folder (mc/, lm/); default EVAL_DATA, else ../shared/data when present."""
     teacher: bool = True
     """Also measure the starting model (HF, and its source GGUF when it came from one) as the reference row."""
+    task_kinds: list[str] | None = None
+    """Artifact kinds that get the multiple-choice tasks (hf, gguf, onnx; null = all): e.g. [hf] scores teacher and
+    student on many items once, while every format still gets perplexity, KL to the teacher and latency."""
+    export_formats: list[str] | None = None
+    """Exported files to measure, by type (F16, Q4_0, Q4_K_M, Q5_K_M, Q8_0, onnx); null = every exported file."""
+    teacher_quants: list[str] = field(default_factory=list)
+    """Also export the teacher to these GGUF types (e.g. [Q4_K_M]) so speed and size compare at the same quantisation."""
 
     def __post_init__(self):
         if self.limit is not None and self.limit < 1:
             raise ConfigError("limit", f"expected >= 1 or null, got {self.limit}")
         if self.repeat < 1:
             raise ConfigError("repeat", f"expected >= 1, got {self.repeat}")
+        for i, k in enumerate(self.task_kinds or []):
+            if k not in ("hf", "gguf", "onnx"):
+                raise ConfigError(f"task_kinds[{i}]", f"expected hf, gguf or onnx, got {k!r}")
 
 
 def _bench_cfg(ctx: Ctx, sec: dict):
@@ -291,7 +301,16 @@ def _bench_artifacts(ctx: Ctx, cfg: BenchStage) -> list[str]:
     if student and student not in arts:
         arts.append(student)
     if "export" in ctx.artifacts:
-        arts.append(ctx.artifacts["export"])
+        if cfg.export_formats is None:
+            arts.append(ctx.artifacts["export"])
+        else:
+            from edgesmith.bench.harness import expand_artifacts
+
+            want = {f.upper() for f in cfg.export_formats}
+            for p in expand_artifacts([ctx.artifacts["export"]]):
+                fmt = "ONNX" if p.is_dir() else p.stem.rsplit("-", 1)[-1].upper()
+                if fmt in want or (p.is_dir() and fmt in want):
+                    arts.append(str(p))
     return arts
 
 
@@ -303,7 +322,22 @@ def _bench_run(ctx: Ctx, cfg: BenchStage, work: Path) -> Path:
     data_dir = cfg.data_dir or os.environ.get("EVAL_DATA") or (str(default_data_dir()) if default_data_dir() else None)
     arts = _bench_artifacts(ctx, cfg)
     ref = str(modelio.resolve(ctx.teacher))
-    common = dict(artifacts=arts, ctx=cfg.ctx, threads=cfg.threads, reference=ref if cfg.teacher else None)
+    if cfg.teacher and cfg.teacher_quants:
+        # the teacher at the student's quantisation, so "x times faster" compares like with like
+        from edgesmith.export.gguf import convert, quantize
+
+        f16 = work / "teacher" / f"{modelio.model_name(ref)}-F16.gguf"
+        f16.parent.mkdir(parents=True, exist_ok=True)
+        if not f16.is_file():
+            convert(ref, f16, "F16")
+        for q in cfg.teacher_quants:
+            dest = f16.with_name(f16.name.replace("-F16.gguf", f"-{q}.gguf"))
+            if not dest.is_file():
+                quantize(f16, dest, q)
+            arts.insert(1 + arts.index(ref) if ref in arts else 0, str(dest))
+        f16.unlink()
+    common = dict(artifacts=arts, ctx=cfg.ctx, threads=cfg.threads, reference=ref if cfg.teacher else None,
+                  task_kinds=cfg.task_kinds)
     runs = []
     if data_dir:  # WikiText-2 + multiple choice + agreement with the teacher + latency
         runs.append(("wikitext", BenchSettings(**common, data_dir=data_dir, max_chunks=cfg.max_chunks, tasks=list(cfg.tasks),
@@ -353,7 +387,7 @@ def stage_inputs(ctx: Ctx, stage: str, cfg) -> dict:
         return {"model": ctx.current}
     if stage == "distill":
         ins = {"teacher": ctx.teacher, "student": ctx.current}
-        if not cfg.data.startswith("teacher:"):
+        if not cfg.data.startswith("teacher"):
             ins["data"] = cfg.data
         return ins
     if stage == "finetune":
@@ -469,12 +503,16 @@ def run_pipeline(recipe: Recipe, recipe_file: str = "", from_stage: str | None =
         if only and s != only:
             _advance(ctx, s, final, cfg)
             continue
+        forced = forced or s == from_stage  # --from: this stage and every later one re-run
+        if dry_run and forced:  # its inputs do not exist yet: an earlier stage would make them
+            say(f"[{s}] would run -> {final}")
+            _advance(ctx, s, final, cfg)
+            continue
         inputs = stage_inputs(ctx, s, cfg)
         input_hash = _hash({k: input_fingerprint(str(v)) for k, v in inputs.items()})
         settings = {"stage": s, "settings": to_dict(cfg) if cfg is not None else {}, "name": recipe.name,
                     "edgesmith": __version__}
         settings_hash = _hash(settings)
-        forced = forced or s == from_stage  # --from: this stage and every later one re-run
         if not forced and s != only and manifest_ok(final, settings_hash, input_hash):
             say(f"[{s}] up to date ({final})")
             _advance(ctx, s, final, cfg)
@@ -613,11 +651,57 @@ def format_table(rows: list[dict]) -> list[list[str]]:
         lat, a, t = r.get("latency") or {}, r.get("agreement") or {}, r.get("tasks") or {}
         out.append([r["model"], r["format"], _f(r["params"] / 1e6 if r.get("params") else None, ".1f"), _f(r.get("file_mb"), ".1f"),
                     _f(r.get("bpw")), _f((r.get("perplexity") or {}).get("value")), _f(r.get("corpus_ppl"))]
-                   + [_f(100 * t[k]["acc"], ".1f") if k in t else "-" for k in tasks]
+                   + [_acc(t.get(k)) for k in tasks]
                    + [_f(a.get("kl"), ".4f"), _f(100 * a["top1"] if "top1" in a else None, ".1f"),
                       _f(lat.get("prefill_tok_s"), ".1f"),
                       f"{lat['decode_tok_s']:.1f} ± {lat.get('decode_tok_s_std', 0):.1f}" if "decode_tok_s" in lat else "-",
                       _f(lat.get("ttft_ms"), ".0f"), _f(lat.get("peak_rss_mb"), ".0f")])
+    return out
+
+
+def _acc(v: dict | None) -> str:
+    """accuracy % with its standard error, e.g. 46.2 ± 2.2"""
+    if not v or "acc" not in v:
+        return "-"
+    se = v.get("acc_stderr")
+    return f"{100 * v['acc']:.1f}" + (f" ± {100 * se:.1f}" if se is not None else "")
+
+
+CHANCE = {"arc_easy": 0.25, "arc_challenge": 0.25, "piqa": 0.5, "winogrande": 0.5, "boolq": 0.5, "copa": 0.5}
+
+
+def headline(rows: list[dict]) -> list[str]:
+    """Teacher vs student in a few sentences: perplexity ratio, accuracy kept above chance (with whether each
+    difference is outside noise: |diff| > 2·sqrt(se_t² + se_s²)), and Q4_K_M decode speed and size ratios."""
+    by = {(r["model"], r["format"]): r for r in rows if "error" not in r}
+    t, s = by.get(("teacher", "HF fp32")), by.get(("student", "HF fp32"))
+    out = []
+    if t and s and t.get("perplexity") and s.get("perplexity"):
+        out.append(f"- WikiText ppl: student {s['perplexity']['value']:.2f} vs teacher {t['perplexity']['value']:.2f} "
+                   f"(**{s['perplexity']['value'] / t['perplexity']['value']:.2f}×**); student non-embedding parameters "
+                   f"{(s.get('params_non_embedding') or 0) / max(1, t.get('params_non_embedding') or 1):.0%} of the teacher's.")
+    if t and s and t.get("tasks") and s.get("tasks"):
+        kept = []
+        for k in t["tasks"]:
+            a, b = t["tasks"].get(k) or {}, s["tasks"].get(k) or {}
+            if "acc" not in a or "acc" not in b:
+                continue
+            se = math.sqrt((a.get("acc_stderr") or 0) ** 2 + (b.get("acc_stderr") or 0) ** 2)
+            d = b["acc"] - a["acc"]
+            noise = "within noise" if abs(d) <= 2 * se else "outside noise"
+            line = f"- {k} (n={b.get('n')}): student {_acc(b)} vs teacher {_acc(a)}: {100 * d:+.1f} points, {noise} (2σ = {200 * se:.1f})"
+            if k in CHANCE and a["acc"] > CHANCE[k]:
+                kept.append((b["acc"] - CHANCE[k]) / (a["acc"] - CHANCE[k]))
+                line += f"; {kept[-1]:.0%} of the teacher's accuracy above chance kept"
+            out.append(line)
+        if kept:
+            out.append(f"- mean accuracy above chance kept: **{sum(kept) / len(kept):.0%}**")
+    tq, sq = by.get(("teacher", "GGUF Q4_K_M")), by.get(("student", "GGUF Q4_K_M"))
+    if tq and sq and (tq.get("latency") or {}).get("decode_tok_s") and (sq.get("latency") or {}).get("decode_tok_s"):
+        tl, sl = tq["latency"], sq["latency"]
+        out.append(f"- GGUF Q4_K_M decode: student {sl['decode_tok_s']:.1f} vs teacher {tl['decode_tok_s']:.1f} tok/s "
+                   f"(**{sl['decode_tok_s'] / tl['decode_tok_s']:.2f}×**), prefill {sl.get('prefill_tok_s', 0) / max(1e-9, tl.get('prefill_tok_s', 1)):.2f}×, "
+                   f"file {sq.get('file_mb', 0):.1f} vs {tq.get('file_mb', 0):.1f} MiB")
     return out
 
 
@@ -666,7 +750,11 @@ def write_report(root: Path, recipe: Recipe, work: Path) -> Path:
                f"threads). WikiText ppl: WikiText-2 raw test, llama-perplexity method (windows of "
                f"{doc.get('settings', {}).get('ctx')} tokens, second half scored). Corpus ppl: held-out slice of the "
                "teacher-generated distillation corpus. KL/top-1: agreement with the teacher's next-token distribution.", "",
-               "## Every format", "", _md(format_table(rows)), ""]
+               ]
+        top = headline(rows)
+        if top:
+            md += ["## Teacher vs student", ""] + top + [""]
+        md += ["## Every format", "", "Accuracy: % ± standard error.", "", _md(format_table(rows)), ""]
     md += ["## Stage times", "", _md(stage_times(root)), ""]
     export = root / "export"
     if (export / "export.json").is_file():
@@ -706,6 +794,9 @@ def summary(root: Path) -> str:
     rows = report_rows(root, ctx_paths) if (root / "bench").is_dir() else []
     if rows:
         lines += ["", terminal(format_table(rows))]
+        top = headline(rows)
+        if top:
+            lines += ["", "Teacher vs student:"] + top
     if (root / "report.md").is_file():
         lines += ["", f"report: {root / 'report.md'}"]
     return "\n".join(lines)

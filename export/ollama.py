@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,12 @@ from edgesmith.fsutil import write_text
 DEFAULT_TEMPERATURE = 0.2
 DEFAULT_TOP_P = 0.9
 MAX_NUM_CTX = 4096  # KV cache memory on an edge device grows with it; the model's own limit if smaller
+# What `ollama run` uses for an option the Modelfile leaves unset (Ollama's api.DefaultOptions). The
+# Modelfile sets temperature, top_p and stop only, so these are part of how Ollama samples an exported
+# model, and `edgesmith chat` must use them too to preview it.
+OLLAMA_TOP_K = 40
+OLLAMA_REPEAT_PENALTY = 1.1
+OLLAMA_REPEAT_LAST_N = 64  # tokens of context (prompt included) the repeat penalty looks back over
 
 # Jinja attribute -> field of Ollama's api.Message / api.Tool / api.ToolCall
 GO_FIELDS = {"role": "Role", "content": "Content", "tool_calls": "ToolCalls", "function": "Function",
@@ -413,14 +420,47 @@ def _num_ctx(hf_dir: Path) -> int:
         return 2048
 
 
-def _temperature(hf_dir: Path) -> tuple[float, float]:
+# ---------------------------------------------------------------- sampling: the one source of the defaults
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How `ollama run` samples from a model edgesmith exported: the Modelfile's PARAMETERs plus Ollama's
+    defaults for the options the Modelfile leaves unset. `edgesmith chat` samples with exactly these."""
+
+    temperature: float
+    top_p: float
+    top_k: int = OLLAMA_TOP_K
+    repeat_penalty: float = OLLAMA_REPEAT_PENALTY
+    repeat_last_n: int = OLLAMA_REPEAT_LAST_N
+    stop: tuple[str, ...] = ()
+
+
+def generation_config(model_dir: Path) -> dict:
     try:
-        gen = json.loads((hf_dir / "generation_config.json").read_text())
+        gen = json.loads((Path(model_dir) / "generation_config.json").read_text())
     except (OSError, ValueError):
-        gen = {}
+        return {}
+    return gen if isinstance(gen, dict) else {}
+
+
+def sampling_defaults(tpl: str | None, tok_cfg: dict, gen: dict) -> Sampling:
+    """The sampling defaults of a model from its chat template, its tokenizer config (special tokens) and
+    its generation config: the generation config's temperature/top_p when it samples (else the small-model
+    defaults above), the stop strings that end an answer in the template, and Ollama's defaults for the rest.
+    The Modelfile writer and `edgesmith chat` (HF, GGUF and ONNX alike) both take their values from here."""
     if gen.get("do_sample") and isinstance(gen.get("temperature"), (int, float)):
-        return float(gen["temperature"]), float(gen.get("top_p") or DEFAULT_TOP_P)
-    return DEFAULT_TEMPERATURE, DEFAULT_TOP_P
+        temp, top_p = float(gen["temperature"]), float(gen.get("top_p") or DEFAULT_TOP_P)
+    else:
+        temp, top_p = DEFAULT_TEMPERATURE, DEFAULT_TOP_P
+    stops = stop_strings(tpl, tok_cfg) if tpl else [s for s in [special_strings(tok_cfg).get("eos_token")] if s]
+    return Sampling(temp, top_p, stop=tuple(stops))
+
+
+def model_sampling(model_dir: Path) -> Sampling:
+    """sampling_defaults of an HF directory (or an ONNX export directory, which carries the same files)."""
+    tpl, cfg = read_chat_template(Path(model_dir))
+    return sampling_defaults(tpl, cfg, generation_config(model_dir))
 
 
 def _quote_or_fail(s: str, what: str) -> str:
@@ -465,7 +505,8 @@ def modelfile_text(gguf_name: str, hf_dir: Path, quant: str) -> tuple[str, dict]
         else:
             lines.append(f"SYSTEM {q}")
             checks["system"] = system
-    stops = stop_strings(tpl, cfg) if tpl else [s for s in [special_strings(cfg).get("eos_token")] if s]
+    sampling = sampling_defaults(tpl, cfg, generation_config(hf_dir))
+    stops = list(sampling.stop)
     for s in stops:
         q = quote_value(s) if (" " in s or s.startswith('"')) else '"' + s + '"'
         if q is None or _unquote(q) != (s, True):
@@ -482,9 +523,11 @@ def modelfile_text(gguf_name: str, hf_dir: Path, quant: str) -> tuple[str, dict]
         else:
             lines.append(f"LICENSE {q}")
             checks["license"] = lic
-    temp, top_p = _temperature(hf_dir)
+    temp, top_p = sampling.temperature, sampling.top_p
     lines += [f"PARAMETER num_ctx {_num_ctx(hf_dir)}", f"PARAMETER temperature {temp:g}", f"PARAMETER top_p {top_p:g}"]
-    checks.update(stops=stops, num_ctx=_num_ctx(hf_dir), temperature=temp)
+    # the whole sampling record (Ollama's defaults included) goes into export.json: `edgesmith chat` on the
+    # export directory reads it back, so it previews this Modelfile without parsing it
+    checks.update(stops=stops, num_ctx=_num_ctx(hf_dir), temperature=temp, sampling=asdict(sampling))
     return "\n".join(lines) + "\n", checks
 
 

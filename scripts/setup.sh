@@ -17,24 +17,27 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # 1. torch first, pinned to the local CPU wheel: an unpinned request pulls GBs of CUDA packages.
 pip install -q -c constraints.txt torch==2.13.0
 
-# 2. llama-cpp-python, built portably from source and cached as a wheel. A native build enables
-#    AMX and segfaults in llama_decode on these machines; AVX-512 only when this CPU has it.
-flags=$(grep -m1 '^flags' /proc/cpuinfo || true)
-avx512=OFF
-if grep -qw avx512f <<<"$flags" && grep -qw avx512bw <<<"$flags" && grep -qw avx512vl <<<"$flags"; then avx512=ON; fi
-wheel_dir="$CACHE/wheels/llama-cpp-python-$LLAMA_CPP_VERSION-avx512$avx512"
+# 2. llama-cpp-python, built from source and cached as a wheel keyed by the instruction sets enabled:
+#    every set this CPU reports (AVX2, AVX-512 VNNI/BF16/VBMI, AVX-VNNI, ...) except AMX, which segfaults
+#    in llama_decode on these machines. scripts/ggml_flags.sh reads /proc/cpuinfo; nothing is assumed.
+cmake_flags=$(bash scripts/ggml_flags.sh)
+isa_key=$(bash scripts/ggml_flags.sh --key)
+wheel_dir="$CACHE/wheels/llama-cpp-python-$LLAMA_CPP_VERSION-$isa_key"
 src_dir="$CACHE/src"
 sdist="$src_dir/llama_cpp_python-$LLAMA_CPP_VERSION.tar.gz"
-if ! "$VENV/bin/python" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$LLAMA_CPP_VERSION')" 2>/dev/null; then
+# a wheel built for other instruction sets (another machine, an older setup) is replaced
+installed_key=$(cat "$VENV/.llama-cpp-isa" 2>/dev/null || true)
+if [ "$installed_key" != "$isa_key" ] || ! "$VENV/bin/python" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$LLAMA_CPP_VERSION')" 2>/dev/null; then
   if ! ls "$wheel_dir"/llama_cpp_python-*.whl >/dev/null 2>&1; then
     mkdir -p "$wheel_dir" "$src_dir"
     # the sdist is kept: it vendors llama.cpp (converter, gguf-py, tools) for export and bench
     [ -f "$sdist" ] || pip download -q --no-deps --no-binary :all: "llama-cpp-python==$LLAMA_CPP_VERSION" -d "$src_dir"
-    echo "building llama-cpp-python $LLAMA_CPP_VERSION (portable, AVX-512 $avx512, no AMX; ~5 min on 2 cores)..."
-    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=$avx512 -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" \
+    echo "building llama-cpp-python $LLAMA_CPP_VERSION for this CPU ($isa_key, no AMX; ~5 min on 2 cores)..."
+    CMAKE_ARGS="$cmake_flags" \
       CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) pip wheel -q --no-deps -w "$wheel_dir" "$sdist"
   fi
-  pip install -q --no-deps "$wheel_dir"/llama_cpp_python-*.whl
+  pip install -q --no-deps --force-reinstall "$wheel_dir"/llama_cpp_python-*.whl
+  echo "$isa_key" > "$VENV/.llama-cpp-isa"
 fi
 [ -f "$sdist" ] || { mkdir -p "$src_dir"; pip download -q --no-deps --no-binary :all: "llama-cpp-python==$LLAMA_CPP_VERSION" -d "$src_dir"; }
 

@@ -199,3 +199,102 @@ def test_cli_errors(capsys):
     assert "no --student" in capsys.readouterr().err
     assert main(["distill", "--student", "s", "--loss", "kl"]) == 2
     assert "loss: expected one of forward_kl, reverse_kl, js" in capsys.readouterr().err
+
+
+def _corpus_spec(**kw):
+    from edgesmith.distill.teacher_data import CorpusSpec
+
+    return CorpusSpec(**{**dict(tokens=240, text_fraction=0.5, max_new_tokens=10, topk=8, batch_size=4, seed=3), **kw})
+
+
+def test_teacher_corpus_targets_are_the_teachers_distribution(tiny_factory, tmp_path, monkeypatch):
+    """Every stored top-k row equals the teacher's own log-softmax at that position (a plain forward over the
+    finished sequence), for chat and free-text sequences, left-padded prompts included."""
+    import numpy as np
+    import torch
+
+    from edgesmith.distill.teacher_data import build_teacher_corpus
+    from edgesmith.modelio import load_model
+
+    monkeypatch.setenv("EDGESMITH_CACHE", str(tmp_path / "cache"))
+    t_dir = tiny_factory("teacher", seed=0)
+    d = build_teacher_corpus(str(t_dir), _corpus_spec(), bf16=False, progress=False)
+    meta = json.loads((d / "meta.json").read_text())
+    assert meta["tokens"] >= 240 and meta["mix"]["chat"]["examples"] and meta["mix"]["text"]["examples"]
+    ids, ido = np.load(d / "ids.npy"), np.load(d / "id_offsets.npy")
+    idx, logp, off = np.load(d / "idx.npy"), np.load(d / "logp.npy"), np.load(d / "offsets.npy")
+    assert len(ido) == len(off) == meta["examples"] + 1 and idx.shape == logp.shape == (meta["rows"], 8)
+    model = load_model(t_dir).eval()
+    for e in range(meta["examples"]):
+        seq = torch.tensor(ids[ido[e]:ido[e + 1]].astype(np.int64))[None]
+        assert off[e + 1] - off[e] == seq.shape[1] - 1  # one row per token that has a successor
+        with torch.no_grad():
+            lp = torch.log_softmax(model(seq).logits[0, :-1].float(), -1)                   # [L-1, V]
+        want_v, want_i = lp.topk(8, -1)
+        got_i = torch.from_numpy(idx[off[e]:off[e + 1]].astype(np.int64))
+        got_v = torch.from_numpy(logp[off[e]:off[e + 1]].astype(np.float32))
+        assert torch.allclose(got_v, want_v, atol=2e-2), e                                   # fp16 storage
+        assert torch.allclose(lp.gather(-1, got_i), want_v, atol=2e-2), e                   # same tokens (ties aside)
+
+
+def test_teacher_corpus_is_deterministic_and_resumable(tiny_factory, tmp_path, monkeypatch):
+    import numpy as np
+    import pytest
+
+    from edgesmith.distill import teacher_data as TD
+
+    t_dir = tiny_factory("teacher", seed=0)
+    monkeypatch.setenv("EDGESMITH_CACHE", str(tmp_path / "a"))
+    a = TD.build_teacher_corpus(str(t_dir), _corpus_spec(), bf16=False, progress=False)
+
+    # interrupted after the first batch: its part stays, the next call continues from batch 1
+    monkeypatch.setenv("EDGESMITH_CACHE", str(tmp_path / "b"))
+    real, calls = TD.sample_with_targets, []
+
+    def flaky(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(TD, "sample_with_targets", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        TD.build_teacher_corpus(str(t_dir), _corpus_spec(), bf16=False, progress=False)
+    parts = list((tmp_path / "b" / "teacher-corpus").glob("*.parts/part-*.npz"))
+    assert len(parts) == 1
+    monkeypatch.setattr(TD, "sample_with_targets", real)
+    b = TD.build_teacher_corpus(str(t_dir), _corpus_spec(), bf16=False, progress=False)
+    for f in ("ids.npy", "id_offsets.npy", "idx.npy", "logp.npy", "offsets.npy"):
+        assert np.array_equal(np.load(a / f), np.load(b / f)), f
+    assert (a / "examples.jsonl").read_text() == (b / "examples.jsonl").read_text()
+    assert not list((tmp_path / "b" / "teacher-corpus").glob("*.parts"))  # merged and cleaned up
+    monkeypatch.setenv("EDGESMITH_CACHE", str(tmp_path / "c"))
+    c = TD.build_teacher_corpus(str(t_dir), _corpus_spec(seed=4), bf16=False, progress=False)
+    assert not np.array_equal(np.load(a / "ids.npy")[:50], np.load(c / "ids.npy")[:50])  # another seed, another corpus
+
+
+def test_distill_on_teacher_corpus_without_loading_the_teacher(tiny_factory, tmp_path, monkeypatch):
+    """data: teacher trains from the cached targets alone (the teacher is never loaded for training or validation),
+    and records the mix, distinct tokens, epochs and tokens/s."""
+    from edgesmith import modelio
+    from edgesmith.distill.distill import DistillConfig, run
+    from edgesmith.trainloop import TrainConfig
+
+    monkeypatch.setenv("EDGESMITH_CACHE", str(tmp_path / "cache"))
+    t_dir = tiny_factory("teacher", seed=0)
+    s_dir = tiny_factory("student", seed=1)
+    from edgesmith.distill.teacher_data import build_teacher_corpus
+
+    build_teacher_corpus(str(t_dir), _corpus_spec(tokens=400), progress=False)  # bf16 as the run decides
+    loaded = []
+    real = modelio.load_model
+    monkeypatch.setattr(modelio, "load_model", lambda p, *a, **k: loaded.append(str(p)) or real(p, *a, **k))
+    out = run(DistillConfig(teacher=str(t_dir), student=str(s_dir), data="teacher", corpus=_corpus_spec(tokens=400),
+                            out=str(tmp_path / "d"), max_length=64, val_fraction=0.2,
+                            train=TrainConfig(lr=1e-2, max_steps=8, warmup_steps=1, batch_size=4, progress=False)))
+    assert loaded == [str(s_dir)]
+    man = json.loads((out / "distill.json").read_text())
+    assert man["data"]["kind"] == "teacher-corpus" and man["data"]["mix"]["text"]["tokens"] > 0
+    assert man["examples"]["validation"] > 0 and man["epochs"] > 0 and man["train_tokens_per_s"] > 0
+    r = man["result"]
+    assert r["last_val_loss"] < r["first_val_loss"]  # the student moves towards the teacher on held-out sequences

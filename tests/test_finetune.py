@@ -90,6 +90,26 @@ def test_qlora_needs_cuda(tiny_llama, tmp_path):
         load_base(FinetuneConfig(model=str(tiny_llama), qlora=True))
 
 
+@pytest.mark.gpu
+def test_qlora_trains_and_merges_on_cuda(tiny_llama, tmp_path, shared_data):
+    """QLoRA for real where a GPU is lent: 4-bit NF4 base (bitsandbytes), adapters learn, merged into 16 bits."""
+    import json
+
+    from edgesmith.finetune.lora import FinetuneConfig, run
+    from edgesmith.finetune.merge import merge_adapter
+    from edgesmith.modelio import load_model
+    from edgesmith.trainloop import TrainConfig
+
+    out = run(FinetuneConfig(model=str(tiny_llama), data=str(shared_data / "instruct" / "identity.json"), out=str(tmp_path / "q"),
+                             qlora=True, max_length=64,
+                             train=TrainConfig(lr=5e-3, max_steps=20, warmup_steps=0, batch_size=4, precision="bf16",
+                                               eval_every=10, progress=False)))
+    res = json.loads((out / "finetune.json").read_text())["result"]
+    assert res["best_val_loss"] < res["first_val_loss"] - 1e-3 and res["precision"] == "bf16"
+    merged = merge_adapter(out, tmp_path / "merged", base=str(tiny_llama), dtype="bfloat16")
+    assert str(load_model(merged).dtype) == "torch.bfloat16"
+
+
 @pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
 def test_merge_reproduces_the_adapted_model(tiny_llama, tmp_path, method):
     import torch

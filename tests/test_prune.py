@@ -225,3 +225,22 @@ def test_default_model_to_quantisation_friendly_shape(default_hf, tmp_path):
     gen = model.generate(ids, max_new_tokens=12, do_sample=False)
     text = tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
     assert len(text.strip()) > 0
+
+
+def test_without_data_the_model_writes_its_calibration_text(tiny_factory, tmp_path, monkeypatch):
+    """No --calib and no ../shared/data: activation ranking (the default) calibrates on text the model samples
+    itself with the distill stage's sampler; deterministic for a seed."""
+    import json
+
+    from edgesmith.compress import prune as P
+
+    monkeypatch.setattr(P, "shared_data_dir", lambda: None)
+    src = tiny_factory("src", seed=0)
+    for name in ("a", "b"):
+        P.run(P.PruneConfig(model=str(src), out=str(tmp_path / name), intermediate_size=64, calib_windows=2, eval_windows=0))
+    assert "teacher-generated" in json.loads((tmp_path / "a" / "prune_report.json").read_text())["calibration"]["source"]
+    from edgesmith.modelio import load_model
+
+    a, b = load_model(tmp_path / "a"), load_model(tmp_path / "b")
+    assert a.config.intermediate_size == 64
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))  # same seed, same text, same cut

@@ -143,13 +143,13 @@ def _recipe_case(tmp_path, data, noise, not_a_model, which):
 
 @fuzz(N_RECIPE)
 @given(which=st.sampled_from(["prune", "distill", "finetune"]), data=st.data(), noise=yaml_noise)
-def test_fuzz_recipes(tmp_path, not_a_model, which, data, noise):
+def test_fuzz_recipes(tmp_path, not_a_model, shared_data, which, data, noise):
     base = {"prune": RECIPES["prune-default"], "distill": RECIPES["distill-default"], "finetune": RECIPES["lora-alpaca"]}[which]
     recipe = data.draw(recipe_edit(base))
     p = _recipe_case(tmp_path, recipe, noise, not_a_model, which)
     args = {"prune": ["prune", "--recipe", p, "--out", tmp_path / "out"],
             "distill": ["distill", "--recipe", p, "--student", not_a_model, "--out", tmp_path / "out"],
-            "finetune": ["finetune", "--recipe", p, "--data", REPO.parent / "shared" / "data" / "instruct" / "identity.json",
+            "finetune": ["finetune", "--recipe", p, "--data", shared_data / "instruct" / "identity.json",
                          "--out", tmp_path / "out"]}[which]
     rc, _, err = cli(*args)
     assert_clean_error(rc, err)  # never 0: a valid recipe reaches the empty model directory

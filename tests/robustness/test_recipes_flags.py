@@ -49,13 +49,13 @@ def test_unknown_quant_names(tiny_hf, tmp_path, types):
     count("recipes")
 
 
-def test_output_is_a_file_or_unwritable(tiny_hf, tmp_path):
+def test_output_is_a_file_or_unwritable(tiny_hf, tmp_path, shared_data):
     f = tmp_path / "a-file"
     f.write_text("x")
     for out in (f, f / "below", "/proc/edgesmith-out", "/proc/self/edgesmith"):
         for cmd in (["prune", tiny_hf, "--out", out, "--mlp-ratio", "0.5", "--eval-windows", "0"],
                     ["export", tiny_hf, "--out", out, "--gguf", "F16", "--no-check"],
-                    ["data", "prepare", REPO.parent / "shared" / "data" / "instruct" / "identity.json", "--out", out, "--model", tiny_hf]):
+                    ["data", "prepare", shared_data / "instruct" / "identity.json", "--out", out, "--model", tiny_hf]):
             rc, _, err = cli(*cmd)
             assert_clean_error(rc, err)
             count("recipes")

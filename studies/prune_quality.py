@@ -1,6 +1,6 @@
 """Quality evidence for `edgesmith prune` on the default model (SmolLM2-135M-Instruct).
 
-    .venv/bin/python bench/prune_quality.py [--windows 40] [--skip-gguf]
+    .venv/bin/python studies/prune_quality.py [--windows 40] [--skip-gguf]
 
 1. WikiText-2 test perplexity (first N non-overlapping windows of 512 tokens) after
    - MLP pruning of 33% (1536 -> 1024 channels), ranked random vs magnitude vs activation
@@ -15,9 +15,9 @@
    each F16 file against HF's on three chat prompts, for both raw pruned shapes and for the 4/2 shape after
    a short distillation (--recover-budget; a raw pruned model's greedy path runs through near-ties).
 
-    .venv/bin/python bench/prune_quality.py --only-gguf   # redo 2. and 3., keep the committed tables of 1.
+    .venv/bin/python studies/prune_quality.py --only-gguf   # redo 2. and 3., keep the committed tables of 1.
 
-Writes bench/results/prune-quality.json and .md. CPU heavy: run it alone, one process.
+Writes studies/results/prune-quality.json and .md. CPU heavy: run it alone, one process.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Check our GGUF numbers against llama.cpp's own tools on the same file, text, context and threads.
 
-    .venv/bin/python bench/compare_llamacpp.py [--gguf FILE] [--threads 2] [--max-chunks 40] [--rounds 3]
+    .venv/bin/python studies/compare_llamacpp.py [--gguf FILE] [--threads 2] [--max-chunks 40] [--rounds 3]
 
 Builds `llama-perplexity` and `llama-bench` (only those two targets, portable CPU flags: a native
 build enables AMX and crashes on these machines) from the llama.cpp vendored in the cached
@@ -9,7 +9,7 @@ llama-cpp-python sdist into `cache_dir()/llama.cpp-tools/`, then runs
   * `llama-perplexity -f wiki.test.raw -c CTX --chunks N`  vs  our `bench.backends` GGUF perplexity
   * `llama-bench -p 512 -n 128 -t THREADS`                 vs  our low-level-API prefill/decode timing
 
-and writes `bench/results/llamacpp-compare.json` (targets: perplexity within 1 %, decode tok/s
+and writes `studies/results/llamacpp-compare.json` (targets: perplexity within 1 %, decode tok/s
 within 5 %). Timing is fair only if both sides see the same machine: both are pinned to the same
 CPUs and run interleaved (A B B A ...), and the medians of the rounds are compared, because on a
 shared machine a single llama-bench run taken at a busier moment than ours can be 2x off.
@@ -28,20 +28,21 @@ import time
 from pathlib import Path
 
 LLAMA_CPP_PYTHON = "0.3.36"
-# portable: same ISA as the llama-cpp-python wheel scripts/setup.sh builds (no AMX, no AVX-512)
-CMAKE_FLAGS = [
-    "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON",
-    "-DGGML_F16C=ON", "-DGGML_AVX512=OFF", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF",
-    "-DLLAMA_CURL=OFF", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-    "-DLLAMA_BUILD_SERVER=OFF",
-]
+REPO = Path(__file__).resolve().parents[1]
+# the same instruction sets as the llama-cpp-python wheel scripts/setup.sh builds: every set /proc/cpuinfo reports
+# (AVX-512 VNNI/BF16/VBMI, AVX-VNNI, ...), never AMX; scripts/ggml_flags.sh is the one place that decides
+CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release",
+               *subprocess.run(["bash", str(REPO / "scripts" / "ggml_flags.sh")], capture_output=True, text=True, check=True).stdout.split(),
+               "-DLLAMA_CURL=OFF", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+               "-DLLAMA_BUILD_SERVER=OFF"]
+ISA_KEY = subprocess.run(["bash", str(REPO / "scripts" / "ggml_flags.sh"), "--key"], capture_output=True, text=True, check=True).stdout.strip()
 TARGETS = ["llama-perplexity", "llama-bench"]
 
 
 def tools_dir() -> Path:
     from edgesmith.fsutil import cache_dir
 
-    return cache_dir() / "llama.cpp-tools"
+    return cache_dir() / f"llama.cpp-tools-{ISA_KEY}"  # tools built for other instruction sets are not reused
 
 
 def build_tools(jobs: int | None = None) -> dict[str, Path]:

@@ -1,7 +1,7 @@
 """What `edgesmith export --imatrix CALIB` buys: WikiText-2 perplexity of the default model's Q4_0 and
 Q4_K_M GGUF files quantised without and with an importance matrix, next to F16.
 
-    nice -n 10 .venv/bin/python bench/imatrix_effect.py [--windows 20] [--calib-chunks 32] [--threads 2]
+    nice -n 10 .venv/bin/python studies/imatrix_effect.py [--windows 20] [--calib-chunks 32] [--threads 2]
 
 - Evaluation: the first `--windows` non-overlapping 512-token windows of wiki.test.raw (the whole file
   tokenised once by the HF tokenizer; scored like llama-perplexity: the second half of every window).
@@ -11,7 +11,7 @@ Q4_K_M GGUF files quantised without and with an importance matrix, next to F16.
 - Every file is exported by `edgesmith.export.gguf.export_gguf` (llama.cpp converter + quantiser, the
   same code `edgesmith export` runs) and scored by llama.cpp itself in a child process.
 
-Writes bench/results/imatrix-effect.json and .md. CPU heavy (~5 min on 2 cores): run it alone.
+Writes studies/results/imatrix-effect.json and .md. CPU heavy (~5 min on 2 cores): run it alone.
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     assert calib_start > eval_chars, "calibration text would overlap the evaluation windows"
 
     res: dict = {
-        "command": "nice -n 10 .venv/bin/python bench/imatrix_effect.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "nice -n 10 .venv/bin/python studies/imatrix_effect.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "model": "default (SmolLM2-135M-Instruct, from its Q4_1 GGUF, materialised fp32)",
         "eval": f"wiki.test.raw, first {args.windows} x {CTX}-token windows (characters 0..{eval_chars}), "
                 "llama-perplexity scoring (second half of each window)",

@@ -2,7 +2,7 @@
 budget; report validation loss before/after and generation metrics (exact match, ROUGE-L, BLEU, chrF via
 the `alpaca` bench task, i.e. the same test split) for the base model and the merged model.
 
-    .venv/bin/python bench/finetune_alpaca.py --budget 10m     # writes bench/results/finetune-alpaca.json
+    .venv/bin/python studies/finetune_alpaca.py --budget 10m     # writes studies/results/finetune-alpaca.json
 """
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def main() -> int:
         "data": man["data"],
         "config": {"method": "lora", "lora_r": 8, "lora_alpha": 16, "max_length": args.max_length, "lr": float(args.lr),
                    "budget": args.budget, "batch_size": 4, "precision": args.precision, "test_items_scored": args.limit},
-        "command": " ".join(["python bench/finetune_alpaca.py"] + sys.argv[1:]),
+        "command": " ".join(["python studies/finetune_alpaca.py"] + sys.argv[1:]),
         "machine": {"cpus": os.cpu_count(), "load_average_1m_at_end": round(os.getloadavg()[0], 2)},
     }
     write_json(args.out, out)

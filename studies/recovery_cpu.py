@@ -4,7 +4,7 @@ no dataset needed), and score teacher, pruned and distilled with the same harnes
 (WikiText-2 raw test perplexity, 40 windows of 512, second half of each window scored; ARC-Easy and PIQA
 log-likelihood accuracy).
 
-    .venv/bin/python bench/recovery_cpu.py --budget 15m            # writes bench/results/recovery-cpu.json
+    .venv/bin/python studies/recovery_cpu.py --budget 15m            # writes studies/results/recovery-cpu.json
 
 Stages are cached under --work (pruned model, teacher corpus in the edgesmith cache, distilled model,
 per-model scores), so an interrupted run continues.
@@ -122,7 +122,7 @@ def main() -> int:
                     "validation_kd_loss_before_after": [man["result"]["first_val_loss"], man["result"]["last_val_loss"]]},
         "prune": {"intermediate_size": args.intermediate_size, "num_layers": args.num_layers, "importance": args.importance,
                   "layer_importance": "block-influence", "round_to": 128},
-        "command": " ".join(["python bench/recovery_cpu.py"] + sys.argv[1:]) if len(sys.argv) > 1 else "python bench/recovery_cpu.py",
+        "command": " ".join(["python studies/recovery_cpu.py"] + sys.argv[1:]) if len(sys.argv) > 1 else "python studies/recovery_cpu.py",
         "machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
                     "load_average_start_end": [round(load0, 2), round(os.getloadavg()[0], 2)]},
         "wall_seconds_this_invocation": round(time.time() - t0, 1),

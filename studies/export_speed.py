@@ -1,15 +1,15 @@
 """Speed of `edgesmith export` on the default model (SmolLM2-135M-Instruct).
 
-    .venv/bin/python bench/export_speed.py [--no-check | --both]
+    .venv/bin/python studies/export_speed.py [--no-check | --both]
 
 Times the full export the README shows (`make export`): GGUF F16 + Q4_0, Q4_K_M, Q5_K_M, Q8_0
 (llama.cpp converter + quantiser), ONNX fp32 (KV cache) + int8, Modelfiles, with the default fidelity
 checks on every file (llama.cpp load + tokenisation vs HF; ONNX greedy parity with HF fp32). Per-file
 seconds (conversion/quantisation + that file's checks) come from export.json. `--both` also times the
 same export with --no-check, so the cost of the checks is visible. Target: under 2 minutes on 2 cores.
-What --imatrix buys is measured by bench/imatrix_effect.py.
+What --imatrix buys is measured by studies/imatrix_effect.py.
 
-Writes bench/results/export-speed.json. CPU heavy: run it alone (the load average is recorded).
+Writes studies/results/export-speed.json. CPU heavy: run it alone (the load average is recorded).
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     ap.add_argument("--both", action="store_true", help="time the export with and without the checks")
     ap.add_argument("--json", default=str(RESULTS / "export-speed.json"))
     args = ap.parse_args(argv)
-    result = {"command": "nice -n 10 .venv/bin/python bench/export_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    result = {"command": "nice -n 10 .venv/bin/python studies/export_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "model": "default (SmolLM2-135M-Instruct)", "machine": machine()}
     with tempfile.TemporaryDirectory(prefix="export-bench-") as d:
         result["export"] = time_export(Path(d) / "export", check=not args.no_check)
