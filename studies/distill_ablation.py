@@ -195,9 +195,10 @@ CHANCE = {"arc_easy": 0.25, "piqa": 0.5, "winogrande": 0.5, "boolq": 0.5, "copa"
 
 
 def kept_above_chance(student: dict, teacher: dict) -> float | None:
-    """Mean over tasks of (student - chance) / (teacher - chance)."""
+    """Mean over tasks of (student - chance) / (teacher - chance), over the tasks where the teacher is more than two
+    standard errors above chance (SmolLM2-135M's WinoGrande, 51.0 ± 2.2, is not: the ratio there is noise)."""
     fr = [(student[t]["acc"] - CHANCE[t]) / (teacher[t]["acc"] - CHANCE[t]) for t in student if t in teacher and t in CHANCE
-          and teacher[t]["acc"] > CHANCE[t]]
+          and teacher[t]["acc"] - CHANCE[t] > 2 * (teacher[t].get("acc_stderr") or 0)]
     return round(sum(fr) / len(fr), 3) if fr else None
 
 
@@ -223,7 +224,7 @@ def document(results: dict, t_score: dict, args, budget: float, ft, fp, torch) -
 def table(doc: dict) -> str:
     tasks = sorted({t for r in doc["rows"] for t in r["tasks"]} | set(doc["teacher"]["tasks"]))
     head = ["row", "WikiText ppl", "× teacher", "KL", "top-1 %"] + [f"{t} acc % (±se)" for t in tasks] + \
-           ["kept above chance", "gen s", "train s", "steps", "distinct tokens", "epochs", "tok/s", "precision"]
+           ["kept above chance (tasks where the teacher is > 2σ above it)", "gen s", "train s", "steps", "distinct tokens", "epochs", "tok/s", "precision"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def acc(v):
