@@ -390,7 +390,6 @@ def heldout_text(cfg: DistillConfig) -> str:
 
         corpus = build_teacher_corpus(cfg.teacher, cfg.corpus, progress=False)
         _, val, _ = corpus_examples(corpus, cfg)
-        rows = [json.loads(x) for x in (corpus / "examples.jsonl").read_text(encoding="utf-8").splitlines() if x.strip()]
         from edgesmith import modelio
 
         tok = modelio.load_tokenizer(modelio.resolve(cfg.teacher))

@@ -308,8 +308,8 @@ def _bench_artifacts(ctx: Ctx, cfg: BenchStage) -> list[str]:
 
             want = {f.upper() for f in cfg.export_formats}
             for p in expand_artifacts([ctx.artifacts["export"]]):
-                fmt = "ONNX" if p.is_dir() else p.stem.rsplit("-", 1)[-1].upper()
-                if fmt in want or (p.is_dir() and fmt in want):
+                fmt = "ONNX" if p.is_dir() else p.stem.rsplit("-", 1)[-1].upper()  # onnx: every ONNX export
+                if fmt in want:
                     arts.append(str(p))
     return arts
 
@@ -328,14 +328,14 @@ def _bench_run(ctx: Ctx, cfg: BenchStage, work: Path) -> Path:
 
         f16 = work / "teacher" / f"{modelio.model_name(ref)}-F16.gguf"
         f16.parent.mkdir(parents=True, exist_ok=True)
-        if not f16.is_file():
-            convert(ref, f16, "F16")
-        for q in cfg.teacher_quants:
-            dest = f16.with_name(f16.name.replace("-F16.gguf", f"-{q}.gguf"))
-            if not dest.is_file():
+        dests = [f16.with_name(f16.name.replace("-F16.gguf", f"-{q}.gguf")) for q in cfg.teacher_quants]
+        for q, dest in zip(cfg.teacher_quants, dests):
+            if not dest.is_file():  # the F16 intermediate only while a quant is missing
+                if not f16.is_file():
+                    convert(ref, f16, "F16")
                 quantize(f16, dest, q)
             arts.insert(1 + arts.index(ref) if ref in arts else 0, str(dest))
-        f16.unlink()
+        f16.unlink(missing_ok=True)
     common = dict(artifacts=arts, ctx=cfg.ctx, threads=cfg.threads, reference=ref if cfg.teacher else None,
                   task_kinds=cfg.task_kinds)
     runs = []
