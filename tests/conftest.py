@@ -13,15 +13,35 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("EDGESMITH_DATA", REPO.parent / "shared" / "data"))
 
 
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/data (or EDGESMITH_DATA). CI always has it: there a missing folder fails the test; elsewhere it skips."""
     if not SHARED_DATA.is_dir():
         msg = f"real data folder {SHARED_DATA} not present (tests that need ../shared/data)"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        if _in_ci():
             pytest.fail(msg + " under CI=true: CI must have it")
         pytest.skip(msg)
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def ollama(tmp_path_factory):
+    """Ollama's Modelfile parser and prompt rendering on Go's own text/template (tests/gotemplate, built once).
+    Needs a Go toolchain (scripts/setup.sh installs golang-1.19-go): under CI a missing one fails the tests
+    that use this; elsewhere they skip."""
+    from ollama_go import Ollama, build, find_go
+
+    go = find_go()
+    if go is None:
+        msg = "no Go toolchain (needed to run Ollama's template engine): `make setup` installs golang-1.19-go, or set EDGESMITH_GO"
+        if _in_ci():
+            pytest.fail(msg + "; under CI=true it must be there")
+        pytest.skip(msg)
+    return Ollama(build(go, tmp_path_factory.mktemp("ollama-go")))
 
 
 @pytest.fixture(scope="session")

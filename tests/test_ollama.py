@@ -1,10 +1,13 @@
-"""Ollama Modelfiles: the Jinja -> Go template translation renders byte-identically to
-transformers' apply_chat_template (checked with a small renderer of the Go-template subset the
-translator emits), values survive Ollama's Modelfile grammar (a port of its parser below), and the
-golden Modelfile in Modelfiles/ is what the code generates."""
+"""Ollama Modelfiles, checked with the engine Ollama uses: tests/gotemplate (built by the `ollama` fixture)
+parses each Modelfile with a port of Ollama's parser and renders chats with Go's own text/template, as
+Ollama's /api/chat does (Modelfile SYSTEM as the first message, same-role turns collated, `.Messages`
+templates given the whole chat). The prompt must equal transformers' apply_chat_template byte for byte
+for every Modelfile the exporter writes; values must survive Ollama's Modelfile grammar; and the golden
+Modelfiles in Modelfiles/ must be what the code generates."""
 from __future__ import annotations
 
-import re
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -18,307 +21,8 @@ GOLDEN_DIR = REPO / "Modelfiles"
 # the shipped recipes' model names (pipeline `name:`); all share SmolLM2's tokenizer and chat template:
 # the embedded default, recipes/smollm2-edge-cpu.yaml (pruned + distilled student), recipes/lora-alpaca.yaml
 GOLDEN_NAMES = ("smollm2-135m-instruct", "smollm2-edge-cpu", "smollm2-lora-alpaca")
-
-# ---------------------------------------------------------------- Ollama's Modelfile parser (parser/parser.go)
-
-COMMANDS = {"from", "license", "template", "system", "adapter", "draft", "renderer", "parser", "parameter", "message", "requires"}
-
-
-def _unquote(s):
-    if s[:3] == '"""':
-        return (s[3:-3], True) if len(s) >= 6 and s.endswith('"""') else ("", False)
-    if s[:1] == '"':
-        return (s[1:-1], True) if len(s) >= 2 and s.endswith('"') else ("", False)
-    return s, True
-
-
-def parse_modelfile(text: str) -> list[tuple[str, str]]:
-    """Rune-by-rune port of Ollama's ParseFile state machine -> [(command, args)]."""
-    NIL, NAME, VALUE, PARAM, COMMENT = range(5)
-    cmds, name, buf, curr = [], "", "", NIL
-    space, newline = " \t", "\r\n"
-    for r in text:
-        # parseRuneForState
-        if curr == NIL:
-            nxt, keep = (COMMENT, None) if r == "#" else (NIL, None) if r in space + newline else (NAME, r)
-        elif curr == NAME:
-            if r.isascii() and r.isalpha():
-                nxt, keep = NAME, r
-            elif r in space:
-                nxt, keep = VALUE, None
-            else:
-                raise ValueError(f"invalid command near {buf + r!r}")
-        elif curr == VALUE:
-            nxt, keep = (NIL, r) if r in newline + space else (VALUE, r)
-        elif curr == PARAM:
-            if (r.isascii() and r.isalnum()) or r == "_":
-                nxt, keep = PARAM, r
-            elif r in space:
-                nxt, keep = VALUE, None
-            else:
-                raise ValueError("unexpected EOF in parameter name")
-        else:  # COMMENT
-            nxt, keep = (NIL, None) if r in newline else (COMMENT, None)
-        if nxt != curr:
-            if curr == NAME:
-                if buf.lower() not in COMMANDS:
-                    raise ValueError(f"invalid command {buf!r}")
-                if buf.lower() == "parameter":
-                    nxt = PARAM
-                else:
-                    name = "model" if buf.lower() == "from" else buf.lower()
-            elif curr == PARAM:
-                name = buf
-            elif curr == VALUE:
-                s, ok = _unquote(buf.strip(" \t\r\n"))
-                if not ok or r in space:
-                    buf += r
-                    continue
-                cmds.append((name, s))
-            buf, curr = "", nxt
-        if keep is not None and keep.isprintable():
-            buf += keep
-    if curr == VALUE:
-        s, ok = _unquote(buf.strip(" \t\r\n"))
-        if not ok:
-            raise ValueError("unexpected EOF in a quoted value")
-        cmds.append((name, s))
-    elif curr not in (NIL, COMMENT):
-        raise ValueError("unexpected EOF")
-    if not any(c == "model" for c, _ in cmds):
-        raise ValueError("no FROM line")
-    return cmds
-
-
-# ---------------------------------------------------------------- a renderer for the Go-template subset we emit
-
-_TOK = re.compile(r'\s*(?:("(?:[^"\\]|\\.)*")|(:=|=|,|\(|\))|(\$[\w]*(?:\.\w+)*|\.\w+(?:\.\w+)*|\.)|(\.\w+(?:\.\w+)*)|(-?\d+)|(\w+))')
-
-
-def _go_unquote(lit: str) -> str:
-    esc = {"n": "\n", "r": "\r", "t": "\t", '"': '"', "\\": "\\"}
-    return re.sub(r'\\(u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|.)',
-                  lambda m: chr(int(m.group(1)[1:], 16)) if m.group(1)[0] in "uU" and len(m.group(1)) > 1 else esc[m.group(1)],
-                  lit[1:-1])
-
-
-def _tokens(src: str) -> list[str]:
-    out, i = [], 0
-    src = src.strip()
-    while i < len(src):
-        m = _TOK.match(src, i)
-        if not m or m.end() == i:
-            raise ValueError(f"cannot tokenize action {src!r} at {i}")
-        out.append(m.group().strip())
-        i = m.end()
-    return out
-
-
-def _split_actions(src: str) -> list[str]:
-    """Text and `{{ ... }}` actions; a `}}` inside a Go string literal does not close the action."""
-    parts, i = [], 0
-    while True:
-        j = src.find("{{", i)
-        if j < 0:
-            parts.append(src[i:])
-            return [p for p in parts if p]
-        parts.append(src[i:j])
-        k, in_str = j + 2, False
-        while not (not in_str and src.startswith("}}", k)):
-            if k >= len(src):
-                raise ValueError("unclosed action")
-            if in_str and src[k] == "\\":
-                k += 2
-                continue
-            in_str ^= src[k] == '"'
-            k += 1
-        parts.append(src[j:k + 2])
-        i = k + 2
-
-
-def _truthy(v) -> bool:
-    return bool(v) if v is not None else False
-
-
-def _field(v, name):
-    if isinstance(v, dict):
-        return v.get(name, "")
-    return getattr(v, name, "")
-
-
-class GoTemplate:
-    """text/template subset: text, {{ pipeline }}, if/else if/else/end, range (with $i, $x :=), :=/=,
-    $ / $var / .Field chains, (pipeline).Field, funcs and/or/not/eq/ne/len/index/slice/print/json."""
-
-    def __init__(self, src: str):
-        self.parts = _split_actions(src)
-        self.pos = 0
-        self.tree = self._block(("<eof>",))
-
-    def _block(self, stops):
-        nodes = []
-        while self.pos < len(self.parts):
-            p = self.parts[self.pos]
-            self.pos += 1
-            if not (p.startswith("{{") and p.endswith("}}")):
-                nodes.append(("text", p))
-                continue
-            body = p[2:-2]
-            if body.startswith("-") or body.endswith("-"):
-                raise ValueError("trim markers are not emitted by the translator")
-            body = body.strip()
-            head = body.split(" ", 1)[0]
-            if head in ("end", "else") and head in stops or (head == "else" and "else" in stops):
-                return nodes, body
-            if head == "if":
-                branches, rest = [], body[3:]
-                while True:
-                    blk, term = self._block(("end", "else"))
-                    branches.append((_tokens(rest), blk))
-                    if term == "end":
-                        nodes.append(("if", branches, []))
-                        break
-                    if term.startswith("else if "):
-                        rest = term[len("else if "):]
-                        continue
-                    els, _ = self._block(("end",))
-                    nodes.append(("if", branches, els))
-                    break
-            elif head == "range":
-                spec = _tokens(body[6:])
-                decl = []
-                if ":=" in spec:
-                    k = spec.index(":=")
-                    decl = [t for t in spec[:k] if t != ","]
-                    spec = spec[k + 1:]
-                blk, term = self._block(("end", "else"))
-                els = self._block(("end",))[0] if term == "else" else []
-                nodes.append(("range", decl, spec, blk, els))
-            else:
-                toks = _tokens(body)
-                if len(toks) > 2 and toks[0].startswith("$") and toks[1] in (":=", "="):
-                    nodes.append(("set", toks[0], toks[1], toks[2:]))
-                else:
-                    nodes.append(("print", toks))
-        if "<eof>" not in stops:
-            raise ValueError(f"unterminated block, expected {stops}")
-        return nodes, None
-
-    def render(self, data: dict) -> str:
-        out: list[str] = []
-        self._exec(self.tree[0], data, [{"$": data}], out)
-        return "".join(out)
-
-    def _lookup(self, scopes, name):
-        for s in reversed(scopes):
-            if name in s:
-                return s
-        raise KeyError(f"undefined variable {name}")
-
-    def _exec(self, nodes, dot, scopes, out):
-        for n in nodes:
-            kind = n[0]
-            if kind == "text":
-                out.append(n[1])
-            elif kind == "print":
-                v = self._pipe(n[1], dot, scopes)
-                out.append("true" if v is True else "false" if v is False else "" if v is None else str(v))
-            elif kind == "set":
-                v = self._pipe(n[3], dot, scopes)
-                if n[2] == ":=":
-                    scopes[-1][n[1]] = v
-                else:
-                    self._lookup(scopes, n[1])[n[1]] = v
-            elif kind == "if":
-                for cond, blk in n[1]:
-                    if _truthy(self._pipe(cond, dot, scopes)):
-                        self._exec(blk, dot, scopes + [{}], out)
-                        break
-                else:
-                    self._exec(n[2], dot, scopes + [{}], out)
-            elif kind == "range":
-                seq = self._pipe(n[2], dot, scopes) or []
-                if not seq:
-                    self._exec(n[4], dot, scopes + [{}], out)
-                for i, item in enumerate(seq):
-                    s = {}
-                    if len(n[1]) == 2:
-                        s[n[1][0]], s[n[1][1]] = i, item
-                    elif len(n[1]) == 1:
-                        s[n[1][0]] = item
-                    self._exec(n[3], item, scopes + [s], out)
-
-    def _pipe(self, toks, dot, scopes):
-        vals, i = [], 0
-        while i < len(toks):
-            v, i = self._operand(toks, i, dot, scopes)
-            vals.append(v)
-        if callable(vals[0]):
-            return vals[0](*vals[1:])
-        assert len(vals) == 1, toks
-        return vals[0]
-
-    def _operand(self, toks, i, dot, scopes):
-        t = toks[i]
-        if t == "(":
-            depth, j = 0, i
-            while True:
-                depth += toks[j] == "("
-                depth -= toks[j] == ")"
-                if depth == 0:
-                    break
-                j += 1
-            v = self._pipe(toks[i + 1:j], dot, scopes)
-            j += 1
-            while j < len(toks) and toks[j].startswith(".") and toks[j] != ".":
-                for f in toks[j][1:].split("."):
-                    v = _field(v, f)
-                j += 1
-            return v, j
-        if t.startswith('"'):
-            return _go_unquote(t), i + 1
-        if t in ("true", "false"):
-            return t == "true", i + 1
-        if re.fullmatch(r"-?\d+", t):
-            return int(t), i + 1
-        if t.startswith("$"):
-            head, *fields = t.split(".")
-            v = self._lookup(scopes, head)[head]
-            for f in fields:
-                v = _field(v, f)
-            return v, i + 1
-        if t.startswith("."):
-            v = dot
-            for f in t[1:].split(".") if t != "." else []:
-                v = _field(v, f)
-            return v, i + 1
-        funcs = {
-            "and": lambda *a: next((x for x in a if not _truthy(x)), a[-1]),
-            "or": lambda *a: next((x for x in a if _truthy(x)), a[-1]),
-            "not": lambda a: not _truthy(a), "eq": lambda a, *b: any(a == x for x in b), "ne": lambda a, b: a != b,
-            "len": len, "index": lambda a, *k: _index(a, k), "slice": lambda a, s=0: a[s:],
-            "print": lambda *a: "".join(str(x) for x in a),
-            "json": lambda a: __import__("json").dumps(a, separators=(",", ":")),
-        }
-        if t in funcs:
-            return funcs[t], i + 1
-        raise ValueError(f"unknown token {t!r}")
-
-
-def _index(a, keys):
-    for k in keys:
-        a = a[k]
-    return a
-
-
-def ollama_messages(conv):
-    """What Ollama passes as .Messages: api.Message structs (Role, Content, ToolCalls, ...)."""
-    return [{"Role": m["role"], "Content": m.get("content", "")} for m in conv]
-
-
-def render_go(go_template: str, conv, tools=None) -> str:
-    return GoTemplate(go_template).render({"Messages": ollama_messages(conv), "Tools": tools or []})
-
+# `make export` writes one Modelfile per GGUF type (Makefile EXPORT_QUANTS)
+EXPORT_QUANTS = ("F16", "Q4_0", "Q4_K_M", "Q5_K_M", "Q8_0")
 
 # ---------------------------------------------------------------- templates and conversations
 
@@ -358,53 +62,138 @@ QWEN2_TOOLS = (
 )
 
 CONVERSATIONS = [
+    # no system prompt: Ollama inserts the Modelfile's SYSTEM, the HF template its default
     [{"role": "user", "content": "What is the capital of France?"}],
     [{"role": "system", "content": "You answer in one word."}, {"role": "user", "content": "Capital of Italy?"}],
+    # multi-turn, with and without a system prompt
     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
      {"role": "user", "content": "Tell me a joke.\nMake it short."}],
     [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
      {"role": "user", "content": "and 3+3?"}],
-    [{"role": "user", "content": 'Quotes """ and {{ braces }} and <|im_start|> stay literal'}],
+    # non-ASCII (accents, CJK, emoji outside the BMP, RTL)
+    [{"role": "system", "content": "Réponds en français, s'il te plaît."},
+     {"role": "user", "content": "Grüße aus Köln — 東京は晴れ 🎉 שלום"}, {"role": "assistant", "content": "Très bien ✓"},
+     {"role": "user", "content": "Ελληνικά; ½ × π ≈ 1.57"}],
+    # quotes and backslashes
+    [{"role": "system", "content": 'Say "yes" or \'no\'; paths like C:\\temp\\new are literal'},
+     {"role": "user", "content": 'He wrote """triple""" and "\\n" (a backslash, not a newline) and ends with \\'}],
+    # template syntax in the content is text: Go, Jinja and Ollama's parser must all leave it alone
+    [{"role": "user", "content": 'Explain {{ .Prompt }} and {{- .System -}} and {{ end }} in Go templates'},
+     {"role": "assistant", "content": "{% raw %}{{ x }}{% endraw %} is Jinja; {% if true %}also{% endif %}"},
+     {"role": "user", "content": 'And {% raw %} alone, {{ "}}" }}, <|im_start|> and <|im_end|>?'}],
+    [{"role": "system", "content": "{{ .System }} {% raw %}"}, {"role": "user", "content": "{{ .Response }}"}],
 ]
+
+
+def _hf(tok, conv, template=None, tools=None) -> str:
+    return tok.apply_chat_template(conv, chat_template=template, tools=tools, tokenize=False, add_generation_prompt=True)
+
+
+def _tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
 
 
 @pytest.fixture(scope="module")
 def hf_tokenizer(tokenizer_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tokenizer_dir)
+    return _tokenizer(tokenizer_dir)
 
 
-def _hf(tok, template, conv):
-    return tok.apply_chat_template(conv, chat_template=template, tokenize=False, add_generation_prompt=True)
+def _modelfile(go_template: str) -> str:
+    q = quote_value(go_template)
+    assert q is not None, "the translated template cannot be written in a Modelfile"
+    return f"FROM ./m.gguf\nTEMPLATE {q}\n"
+
+
+def _model_dir(tmp_path, tokenizer_dir, template: str, name="tiny") -> Path:
+    """A tiny model directory for write_modelfile: SmolLM2's tokenizer with `template` as its chat template,
+    and a config (a Modelfile needs no weights)."""
+    d = tmp_path / name
+    d.mkdir()
+    for f in tokenizer_dir.iterdir():
+        if f.name != "chat_template.jinja":
+            shutil.copy(f, d / f.name)
+    (d / "chat_template.jinja").write_text(template)
+    (d / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 2048}))
+    return d
+
+
+def _assert_ollama_renders_like_hf(ollama, modelfile: str, tok, convs=CONVERSATIONS):
+    for conv in convs:
+        assert ollama.chat_prompt(modelfile, conv) == _hf(tok, conv), conv
+
+
+# ---------------------------------------------------------------- the harness is Ollama's behaviour
+
+
+def test_harness_follows_ollama(ollama):
+    """tests/gotemplate reproduces what Ollama does around text/template (expectations from Ollama's
+    template/template_test.go and server/routes.go), so a pass below means Ollama renders the same."""
+    chat = [{"role": "user", "content": "Hello friend!"}, {"role": "assistant", "content": "Hello human!"},
+            {"role": "user", "content": "What is your name?"}]
+    want = ("<|im_start|>system\nYou are a helpful assistant!<|im_end|>\n<|im_start|>user\nHello friend!<|im_end|>\n"
+            "<|im_start|>assistant\nHello human!<|im_end|>\n<|im_start|>user\nWhat is your name?<|im_end|>\n"
+            "<|im_start|>assistant\n")
+    # the Modelfile's SYSTEM becomes the first message of a chat that has none
+    messages = ('TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n'
+                '{{ end }}<|im_start|>assistant\n"""\nSYSTEM You are a helpful assistant!\n')
+    assert ollama.chat_prompt("FROM ./m.gguf\n" + messages, chat) == want
+    # a legacy .System/.Prompt/.Response template runs once per turn and the last run stops at .Response
+    legacy = ('TEMPLATE """{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}{{ if .Prompt }}'
+              '<|im_start|>user\n{{ .Prompt }}<|im_end|>\n{{ end }}<|im_start|>assistant\n{{ .Response }}<|im_end|>\n"""\n'
+              'system """You are a helpful assistant!"""\n')  # commands are case-insensitive
+    assert ollama.chat_prompt("from ./m.gguf\n" + legacy, chat) == want
+    # a system message in the request replaces SYSTEM; consecutive same-role messages are joined by a blank line
+    two = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    assert ollama.chat_prompt("FROM ./m.gguf\n" + messages, two) == \
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\na\n\nb<|im_end|>\n<|im_start|>assistant\n"
+    # only Ollama's functions exist: an unknown one is refused when the template is parsed (ollama create)
+    from ollama_go import ModelfileRejected
+
+    with pytest.raises(ModelfileRejected, match="not defined"):
+        ollama.chat_prompt('FROM ./m.gguf\nTEMPLATE "{{ tojson .Messages }}"\n', chat)
+    assert ollama.chat_prompt('FROM ./m.gguf\nTEMPLATE "{{ range .Messages }}{{ json .Content }}{{ end }}"\n', chat) == \
+        '"Hello friend!""Hello human!""What is your name?"'
+
+
+# ---------------------------------------------------------------- the translator, template by template
 
 
 @pytest.mark.parametrize("name", ["default", "chatml_no_default", "llama3"])
-def test_translated_template_renders_like_transformers(name, hf_tokenizer, tokenizer_dir):
+def test_translated_template_renders_like_transformers(name, ollama, hf_tokenizer, tokenizer_dir):
     template = {"default": (tokenizer_dir / "chat_template.jinja").read_text(),
                 "chatml_no_default": CHATML_NO_DEFAULT, "llama3": LLAMA3}[name]
     go, notes = jinja_to_go(template, {"bos_token": hf_tokenizer.bos_token, "eos_token": hf_tokenizer.eos_token})
     if name == "llama3":
-        assert any("trim" in n for n in notes)  # the approximation is reported, not hidden
+        # the approximation is reported, not hidden (no test content has surrounding whitespace to trim)
+        assert any("trim" in n for n in notes)
     for conv in CONVERSATIONS:
-        assert render_go(go, conv) == _hf(hf_tokenizer, template, conv), (name, conv)
+        assert ollama.chat_prompt(_modelfile(go), conv) == _hf(hf_tokenizer, conv, template), (name, conv)
 
 
-def test_qwen2_style_tools_template(hf_tokenizer):
-    """Qwen2-style template with a tools branch and tool-call turns: conversations render
-    byte-identically; with tools, the only difference is Ollama's compact `json` for each tool."""
-    import json
+TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+TOOL_CHAT = [{"role": "user", "content": "Weather in Paris?"},
+             {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+             {"role": "tool", "content": "22°C, sunny"}]
 
+
+def test_qwen2_style_tools_template(ollama, hf_tokenizer):
+    """Qwen2-style template with a tools branch and tool-call turns: chats render byte-identically; with
+    tools or tool calls, the only difference is Ollama's `json` (compact) where transformers' tojson has spaces."""
     go, notes = jinja_to_go(QWEN2_TOOLS)
     assert any("json" in n for n in notes)
+    modelfile = _modelfile(go)
     for conv in CONVERSATIONS:
-        assert render_go(go, conv) == _hf(hf_tokenizer, QWEN2_TOOLS, conv)
-    tool = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
-                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+        assert ollama.chat_prompt(modelfile, conv) == _hf(hf_tokenizer, conv, QWEN2_TOOLS), conv
     conv = CONVERSATIONS[1]
-    want = hf_tokenizer.apply_chat_template(conv, tools=[tool], chat_template=QWEN2_TOOLS, tokenize=False, add_generation_prompt=True)
-    assert json.dumps(tool) in want
-    assert render_go(go, conv, tools=[tool]) == want.replace(json.dumps(tool), json.dumps(tool, separators=(",", ":")))
+    want = _hf(hf_tokenizer, conv, QWEN2_TOOLS, tools=[TOOL])
+    assert json.dumps(TOOL) in want
+    assert ollama.chat_prompt(modelfile, conv, tools=[TOOL]) == want.replace(json.dumps(TOOL), json.dumps(TOOL, separators=(",", ":")))
+    want = _hf(hf_tokenizer, TOOL_CHAT, QWEN2_TOOLS)
+    assert '"arguments": {"city": "Paris"}' in want
+    assert ollama.chat_prompt(modelfile, TOOL_CHAT) == want.replace('{"city": "Paris"}', '{"city":"Paris"}')
 
 
 def test_template_needing_arithmetic_is_untranslatable():
@@ -414,9 +203,34 @@ def test_template_needing_arithmetic_is_untranslatable():
         jinja_to_go("{% for m in messages %}{% if messages[loop.index0 - 1].role != 'tool' %}x{% endif %}{% endfor %}")
 
 
-def test_default_system_prompt_and_stops(default_hf, tmp_path):
+# ---------------------------------------------------------------- the Modelfiles the exporter writes
+
+
+@pytest.fixture(scope="module")
+def shipped_modelfiles(default_hf, tmp_path_factory) -> dict[str, str]:
+    """Every Modelfile shipped for the embedded default model: the goldens in Modelfiles/ and the one
+    `make export` writes per GGUF type (write_modelfile is what the export stage calls)."""
+    out = tmp_path_factory.mktemp("export")
+    files = {f"Modelfiles/{p.parent.name}/{p.name}": p.read_text() for p in sorted(GOLDEN_DIR.glob("*/Modelfile.*"))}
+    for q in EXPORT_QUANTS:
+        write_modelfile(out / f"smollm2-135m-instruct-{q}.gguf", default_hf, out / f"Modelfile.{q}", q)
+        files[f"export/Modelfile.{q}"] = (out / f"Modelfile.{q}").read_text()
+    return files
+
+
+def test_shipped_modelfiles_render_like_transformers(shipped_modelfiles, ollama, default_hf):
+    tok = _tokenizer(default_hf)
+    assert len(shipped_modelfiles) == len(GOLDEN_NAMES) + len(EXPORT_QUANTS)
+    for name, text in shipped_modelfiles.items():
+        names = [c for c, _ in ollama.parse(text)]
+        assert names.count("template") == 1 and names.count("system") == 1, name
+        for conv in CONVERSATIONS:
+            assert ollama.chat_prompt(text, conv) == _hf(tok, conv), (name, conv)
+
+
+def test_default_system_prompt_and_stops(default_hf, ollama, tmp_path):
     entry = write_modelfile(tmp_path / "smollm2-135m-instruct-Q4_K_M.gguf", default_hf, tmp_path / "Modelfile.Q4_K_M", "Q4_K_M")
-    cmds = parse_modelfile(Path(entry["path"]).read_text())
+    cmds = ollama.parse(Path(entry["path"]).read_text())
     names = [c for c, _ in cmds]
     assert names == ["model", "template", "system", "stop", "license", "num_ctx", "temperature", "top_p"]
     d = dict(cmds)
@@ -428,24 +242,26 @@ def test_default_system_prompt_and_stops(default_hf, tmp_path):
     assert entry["checks"]["template"].startswith("translated")
 
 
-def _hostile_hf(tmp_path, tokenizer_dir, system: str) -> Path:
-    """An HF dir (tokenizer files only: the Modelfile needs no weights) whose template's default system
-    prompt is `system`."""
-    import json
-    import shutil
+def test_tiny_model_with_a_default_system_prompt(ollama, tmp_path, tokenizer_dir):
+    """A model whose template inserts a default system message when the chat has none (Qwen2's): the
+    default goes to SYSTEM, which Ollama inserts as the first message, and every chat renders as in transformers."""
+    hf = _model_dir(tmp_path, tokenizer_dir, QWEN2_TOOLS)
+    entry = write_modelfile(tmp_path / "tiny-Q8_0.gguf", hf, tmp_path / "Modelfile.Q8_0", "Q8_0")
+    text = Path(entry["path"]).read_text()
+    d = dict(ollama.parse(text))
+    assert d["system"] == "You are Qwen, created by Alibaba Cloud. You are a helpful assistant." == entry["checks"]["system"]
+    tok = _tokenizer(hf)
+    _assert_ollama_renders_like_hf(ollama, text, tok)
+    # the default also holds when the Modelfile's SYSTEM is not used: a request's own system message replaces it
+    assert ollama.chat_prompt(text, CONVERSATIONS[1]).startswith("<|im_start|>system\nYou answer in one word.<|im_end|>")
 
-    d = tmp_path / "hostile"
-    d.mkdir()
-    for f in tokenizer_dir.iterdir():
-        if f.name != "chat_template.jinja":
-            shutil.copy(f, d / f.name)
-    tpl = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-           "{{ '<|im_start|>system\\n' + " + json.dumps(system) + " + '<|im_end|>\\n' }}{% endif %}"
-           "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
-           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-    (d / "chat_template.jinja").write_text(tpl)
-    (d / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 2048}))
-    return d
+
+def _default_system_template(system: str) -> str:
+    """A ChatML template whose default system prompt is `system` (any text, as a Jinja string literal)."""
+    return ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+            "{{ '<|im_start|>system\\n' + " + json.dumps(system) + " + '<|im_end|>\\n' }}{% endif %}"
+            "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
 @pytest.mark.parametrize("system", [
@@ -454,11 +270,13 @@ def _hostile_hf(tmp_path, tokenizer_dir, system: str) -> Path:
     '"quoted"\n"',
     'ends with """',
     "tab\there \u200b zero-width",
+    "Tu es « SmolLM » — réponds {% raw %} \\ brièvement",
 ])
-def test_hostile_system_prompt_cannot_break_the_file(system, tmp_path, tokenizer_dir, hf_tokenizer):
-    hf = _hostile_hf(tmp_path, tokenizer_dir, system)
+def test_hostile_system_prompt_cannot_break_the_file(system, ollama, tmp_path, tokenizer_dir):
+    hf = _model_dir(tmp_path, tokenizer_dir, _default_system_template(system), "hostile")
     entry = write_modelfile(tmp_path / "m-Q8_0.gguf", hf, tmp_path / "Modelfile.Q8_0", "Q8_0")
-    cmds = parse_modelfile((tmp_path / "Modelfile.Q8_0").read_text())
+    text = (tmp_path / "Modelfile.Q8_0").read_text()
+    cmds = ollama.parse(text)
     names = [c for c, _ in cmds]
     assert names[:2] == ["model", "template"] and names.count("model") == 1 and names.count("temperature") == 1
     d = dict(cmds)
@@ -467,31 +285,29 @@ def test_hostile_system_prompt_cannot_break_the_file(system, tmp_path, tokenizer
         assert d["system"] == system
     else:  # Ollama has no escapes; the default still reaches the model through TEMPLATE
         assert quote_value(system) is None and entry["checks"]["system"].startswith("not representable")
-    template = (hf / "chat_template.jinja").read_text()
-    for conv in CONVERSATIONS:
-        assert render_go(d["template"], conv) == _hf(hf_tokenizer, template, conv)
+    _assert_ollama_renders_like_hf(ollama, text, _tokenizer(hf))
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.text(alphabet=st.sampled_from(list('"ab {}\n\t\r#\\') + ["\u00e9", "\u200b"]), max_size=24))
-def test_quote_value_round_trips_through_ollamas_parser(s):
+def test_quote_value_round_trips_through_ollamas_parser(ollama, s):
     q = quote_value(s)
     if q is None:
         # only line breaks (a value can end at one) or characters the parser drops make a value unwritable
         assert any(not (c in " \t\r\n" or c.isprintable()) for c in s) or "\n" in s or "\r" in s
         return
-    cmds = parse_modelfile(f"FROM ./x.gguf\nSYSTEM {q}\nPARAMETER stop \"<|im_end|>\"\n")
+    cmds = ollama.parse(f"FROM ./x.gguf\nSYSTEM {q}\nPARAMETER stop \"<|im_end|>\"\n")
     assert cmds == [("model", "./x.gguf"), ("system", s), ("stop", "<|im_end|>")]
 
 
-def test_untranslatable_template_falls_back_to_gguf_template(tmp_path, tokenizer_dir, capsys):
-    hf = _hostile_hf(tmp_path, tokenizer_dir, "x")
-    (hf / "chat_template.jinja").write_text("{% macro turn(m) %}{{ m.content }}{% endmacro %}"
-                                            "{% for m in messages %}{{ turn(m) }}{% endfor %}")
+def test_untranslatable_template_falls_back_to_gguf_template(ollama, tmp_path, tokenizer_dir, capsys):
+    hf = _model_dir(tmp_path, tokenizer_dir, "{% macro turn(m) %}{{ m.content }}{% endmacro %}"
+                                             "{% for m in messages %}{{ turn(m) }}{% endfor %}")
     entry = write_modelfile(tmp_path / "m-Q4_0.gguf", hf, tmp_path / "Modelfile.Q4_0", "Q4_0")
     text = (tmp_path / "Modelfile.Q4_0").read_text()
-    names = [c for c, _ in parse_modelfile(text)]
+    names = [c for c, _ in ollama.parse(text)]
     assert names[0] == "model" and "template" not in names and "stop" in names
+    assert ollama.chat_prompt(text, CONVERSATIONS[0]) is None  # Ollama uses the GGUF's template
     assert "TEMPLATE left out" in text and "Macro" in entry["checks"]["template"]
     assert "relying on the GGUF's embedded template" in capsys.readouterr().err
 

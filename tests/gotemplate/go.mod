@@ -1,0 +1,3 @@
+module edgesmith/tests/gotemplate
+
+go 1.19
