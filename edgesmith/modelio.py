@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
-import math
 import re
 import os
 from dataclasses import dataclass
@@ -62,27 +61,22 @@ def is_gguf_file(path: Path) -> bool:
         return f.read(4) == b"GGUF"
 
 
-GGML_MAX_DIMS = 4
-GGML_MAX_NAME = 64
 # the tensors every llama-family block must have (llama.cpp's llama-model.cpp creates them with fixed shapes)
 _BLOCK_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
 
 
 @functools.lru_cache(maxsize=64)
 def _validate_gguf_cached(path: str, size: int, mtime_ns: int, require_model: bool) -> dict:
-    return _validate_gguf(Path(path), size, require_model)
+    return _validate_gguf(Path(path), require_model)
 
 
 def validate_gguf(path: str | os.PathLike, require_model: bool = True) -> dict:
     """Check a GGUF file in Python before llama.cpp (or anything else) reads it.
 
-    Header (magic, version, counts), every key/value (types, lengths, UTF-8, duplicates,
-    general.alignment), the tensor table (names, dims, ggml types, block sizes, offsets exactly as
-    llama.cpp's gguf.cpp expects them, data inside the file) and, with require_model, a supported
-    llama-family architecture whose metadata and tensor shapes agree. Raises a one-line
-    EdgesmithError naming the file; returns {version, architecture, n_tensors, n_kv, data_offset, ...}.
-    The checks mirror llama.cpp's own loader so that a file passing them does not make it abort.
-    Parsed with `struct` and gguf-py's type tables: gguf.GGUFReader needs ~9 s for a 49k vocabulary.
+    The structure (header, key/values, tensor table, data inside the file: `edgesmith.gguf_read`) and,
+    with require_model, a supported llama-family architecture whose metadata and tensor shapes agree.
+    Raises a one-line EdgesmithError naming the file; returns {version, architecture, n_tensors, n_kv,
+    data_offset, ...}. The checks mirror llama.cpp's own loader so that a file passing them does not make it abort.
     """
     p = Path(path)
     try:
@@ -94,136 +88,19 @@ def validate_gguf(path: str | os.PathLike, require_model: bool = True) -> dict:
     return dict(_validate_gguf_cached(str(p.resolve()), st.st_size, st.st_mtime_ns, require_model))
 
 
-def _validate_gguf(p: Path, size: int, require_model: bool) -> dict:  # noqa: C901 - one linear parse
-    import struct
+def _validate_gguf(p: Path, require_model: bool) -> dict:
+    from .gguf_read import INT_TYPES, ARRAY, read
 
-    import gguf
+    g = read(p)
+    fields, types = g.fields, g.types
+    tensors = {t["name"]: t["shape"] for t in g.tensors}
 
     def bad(msg: str):
         raise EdgesmithError(f"{p}: {msg}")
 
-    if size < 24:
-        bad(f"not a GGUF file (only {size} bytes)" if size < 4 else f"truncated GGUF header ({size} bytes)")
-    try:
-        with open(p, "rb") as fh:
-            head = fh.read(24)
-            if head[:4] != b"GGUF":
-                bad("not a GGUF file (bad magic)")
-            version, n_tensors, n_kv = struct.unpack_from("<IQQ", head, 4)
-            if version & 0xFFFF == 0 and version:
-                bad(f"GGUF version {version:#x}: the file has the other byte order (big-endian GGUF is not supported)")
-            if version not in (2, 3):
-                bad(f"not a readable GGUF file (unsupported GGUF version {version}; expected 2 or 3)")
-            # every key/value takes >= 13 bytes and every tensor info >= 24: bounds before allocating anything
-            if n_kv > size // 13 or n_tensors > size // 24:
-                bad(f"corrupt GGUF header: {n_kv} key/values and {n_tensors} tensors cannot fit in {size} bytes")
-            buf = fh.read(64 << 20)  # the whole header (vocabularies of 150k+ tokens fit comfortably)
-    except OSError as e:
-        raise EdgesmithError(f"{p}: cannot read ({e.strerror})") from None
-    off = 0
-    scalar = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "B", 10: "Q", 11: "q", 12: "d"}
-
-    def take(fmt: str):
-        nonlocal off
-        n = struct.calcsize("<" + fmt)
-        if off + n > len(buf):
-            bad("truncated GGUF header")
-        v = struct.unpack_from("<" + fmt, buf, off)[0]
-        off += n
-        return v
-
-    def string(what: str) -> str:
-        nonlocal off
-        n = take("Q")
-        if n > len(buf) - off:
-            bad(f"truncated GGUF header ({what}: string of {n} bytes runs past the end)")
-        raw = bytes(buf[off:off + n])
-        off += n
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            bad(f"{what}: string is not valid UTF-8")
-
-    def value(t: int, key: str):
-        nonlocal off
-        if t == 8:
-            return string(key)
-        if t in scalar:
-            return take(scalar[t])
-        if t != 9:
-            bad(f"key {key!r} has unknown value type {t}")
-        it, n = take("I"), take("Q")
-        if it == 8:
-            return [string(f"{key}[{i}]") for i in range(n)]
-        if it not in scalar:
-            bad(f"key {key!r}: array of unsupported type {it}")
-        width = struct.calcsize("<" + scalar[it])
-        if n * width > len(buf) - off:
-            bad(f"truncated GGUF header ({key}: array of {n} items runs past the end)")
-        items = list(struct.unpack_from(f"<{n}{scalar[it]}", buf, off)) if n <= 4096 else n
-        off += n * width
-        return items
-
-    fields: dict[str, Any] = {}
-    types: dict[str, int] = {}
-    for i in range(n_kv):
-        key = string(f"key #{i}")
-        if key in fields:
-            bad(f"duplicate key {key!r}")
-        t = take("I")
-        types[key] = t
-        fields[key] = value(t, key)
-    align = fields.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
-    if "general.alignment" in fields and types["general.alignment"] != 4:
-        bad("general.alignment must be a uint32")
-    if align == 0 or align & (align - 1):
-        bad(f"general.alignment {align} is not a power of 2")
-    tensors: dict[str, tuple[list[int], str, int]] = {}
-    expected = 0
-    for i in range(n_tensors):
-        name = string(f"tensor #{i} name")
-        if len(name.encode()) >= GGML_MAX_NAME:
-            bad(f"tensor name {name[:40]!r}... is longer than {GGML_MAX_NAME - 1} bytes")
-        if name in tensors:
-            bad(f"duplicate tensor {name!r}")
-        nd = take("I")
-        if nd > GGML_MAX_DIMS:
-            bad(f"tensor {name!r} has {nd} dimensions (at most {GGML_MAX_DIMS})")
-        ne = [take("Q") for _ in range(nd)]
-        n_el = 1
-        for d in ne:
-            if d >= 1 << 63:
-                bad(f"tensor {name!r} has a negative dimension")
-            n_el *= d
-        if n_el >= 1 << 63:
-            bad(f"tensor {name!r}: shape {ne} overflows")
-        ttype = take("I")
-        try:
-            qt = gguf.GGMLQuantizationType(ttype)
-            block, tsize = gguf.GGML_QUANT_SIZES[qt]
-        except (ValueError, KeyError):
-            bad(f"tensor {name!r} has unknown ggml type {ttype}")
-        if ne and ne[0] % block:
-            bad(f"tensor {name!r}: row length {ne[0]} is not a multiple of the {qt.name} block size {block}")
-        offset = take("Q")
-        if offset != expected:
-            bad(f"tensor {name!r} has data offset {offset}, expected {expected} (corrupt tensor table)")
-        nbytes = n_el // block * tsize
-        expected += (nbytes + align - 1) // align * align
-        tensors[name] = (ne, qt.name, nbytes)
-    data_offset = 24 + off
-    data_offset = (data_offset + align - 1) // align * align if n_tensors else data_offset
-    last = 0
-    run = 0
-    for ne, _t, nb in tensors.values():  # the end of the last tensor's bytes (padding after it is optional)
-        last = run + nb
-        run += (nb + align - 1) // align * align
-    end = data_offset + last
-    if end > size:
-        bad(f"truncated: tensor data ends at byte {end} but the file has {size} bytes")
-    info = {"version": version, "n_tensors": n_tensors, "n_kv": n_kv, "alignment": align, "data_offset": data_offset,
-            "architecture": fields.get("general.architecture"), "size": size,
-            "params": sum(math.prod(ne) for ne, _t, _nb in tensors.values())}
+    info = {"version": g.version, "n_tensors": g.n_tensors, "n_kv": g.n_kv, "alignment": g.alignment,
+            "data_offset": g.data_offset, "architecture": fields.get("general.architecture"), "size": g.size,
+            "params": sum(t["n_elements"] for t in g.tensors)}
     if not require_model:
         return info
 
@@ -237,7 +114,7 @@ def _validate_gguf(p: Path, size: int, require_model: bool) -> dict:  # noqa: C9
         v = fields.get(key)
         if v is None and not required:
             return None
-        if types.get(key) not in (0, 2, 4, 10, 1, 3, 5, 11) or not isinstance(v, int) or v < 1:
+        if types.get(key) not in INT_TYPES or not isinstance(v, int) or v < 1:
             bad(f"metadata {key} must be a positive integer, got {v!r}")
         return v
 
@@ -253,7 +130,7 @@ def _validate_gguf(p: Path, size: int, require_model: bool) -> dict:  # noqa: C9
     if not isinstance(fields.get("tokenizer.ggml.model"), str):
         bad("no tokenizer (tokenizer.ggml.model missing): llama.cpp cannot load it")
     toks = fields.get("tokenizer.ggml.tokens")
-    if types.get("tokenizer.ggml.tokens") != 9 or not isinstance(toks, list) or not toks:
+    if types.get("tokenizer.ggml.tokens") != ARRAY or not isinstance(toks, list) or not toks or not isinstance(toks[0], str):
         bad("no vocabulary (tokenizer.ggml.tokens missing or empty)")
     n_vocab = len(toks)
     for k in ("bos", "eos", "eot", "padding", "unknown"):
@@ -264,7 +141,7 @@ def _validate_gguf(p: Path, size: int, require_model: bool) -> dict:  # noqa: C9
     def need(name: str, shape: list[int]):
         if name not in tensors:
             bad(f"tensor {name!r} is missing ({arch} with {n_layer} blocks)")
-        got = tensors[name][0]
+        got = tensors[name]
         if got != shape:
             bad(f"tensor {name!r} has shape {got}, expected {shape} from the metadata")
 
@@ -396,26 +273,6 @@ def _check_safetensors_shapes(f: Path, cfg: dict) -> None:
 # ---------------------------------------------------------------- GGUF -> HF
 
 
-def gguf_fields(path: str | os.PathLike, skip_arrays: bool = True) -> dict[str, Any]:
-    """Metadata of a GGUF as plain Python values (big token/merge arrays skipped by default)."""
-    import gguf
-
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:  # noqa: BLE001 - any parse error is a bad file
-        raise EdgesmithError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
-    out = {}
-    for k, f in reader.fields.items():
-        if skip_arrays and k in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
-            out[k] = f"<{len(f.data)} items>"
-            continue
-        try:
-            out[k] = f.contents()
-        except Exception:  # noqa: BLE001
-            out[k] = None
-    return out
-
-
 def _pre_tokenizer_for(pre: str):
     """The HF pre-tokenizer that reproduces llama.cpp's pre-tokenizer type `pre` (llama-vocab.cpp)."""
     from tokenizers import Regex, pre_tokenizers
@@ -451,22 +308,20 @@ def tokenizer_from_gguf(path: str | os.PathLike):
     Returns a transformers PreTrainedTokenizerFast with the GGUF's special tokens, add_bos
     behaviour and chat template. Only for `tokenizer.ggml.model == "gpt2"` files.
     """
-    import gguf
     from tokenizers import AddedToken, Tokenizer, decoders, models, processors
     from transformers import PreTrainedTokenizerFast
 
-    r = gguf.GGUFReader(str(path))
-    f = r.fields
-    model = f["tokenizer.ggml.model"].contents()
+    from .gguf_read import metadata
+
+    f = metadata(path)
+    model = f["tokenizer.ggml.model"]
     if model != "gpt2":
         raise EdgesmithError(f"{path}: tokenizer model {model!r} is not byte-level BPE")
-    tokens = f["tokenizer.ggml.tokens"].contents()
-    merges = [tuple(m.split(" ", 1)) for m in f["tokenizer.ggml.merges"].contents()]
-    types = f["tokenizer.ggml.token_type"].contents() if "tokenizer.ggml.token_type" in f else [1] * len(tokens)
-    pre = f["tokenizer.ggml.pre"].contents() if "tokenizer.ggml.pre" in f else "default"
-
-    def val(key, default=None):
-        return f[key].contents() if key in f else default
+    tokens = f["tokenizer.ggml.tokens"]
+    merges = [tuple(m.split(" ", 1)) for m in f["tokenizer.ggml.merges"]]
+    types = f["tokenizer.ggml.token_type"] if "tokenizer.ggml.token_type" in f else [1] * len(tokens)
+    pre = f["tokenizer.ggml.pre"] if "tokenizer.ggml.pre" in f else "default"
+    val = f.get
 
     vocab = {t: i for i, t in enumerate(tokens)}
     tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, unk_token=None, fuse_unk=False, byte_fallback=False))
@@ -509,7 +364,9 @@ def _materialize(gguf_path: Path, dest: Path, name: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    fields = gguf_fields(gguf_path)
+    from .gguf_read import metadata
+
+    fields = metadata(gguf_path)
     arch = fields.get("general.architecture")
     if arch not in SUPPORTED_GGUF_ARCHS:
         raise EdgesmithError(
@@ -701,31 +558,29 @@ def _hf_facts(path: Path) -> Facts:
 
 
 def _gguf_facts(path: Path) -> Facts:
-    import gguf
     from collections import Counter
 
-    try:
-        r = gguf.GGUFReader(str(path))
-    except Exception as e:  # noqa: BLE001
-        raise EdgesmithError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
-    f = r.fields
+    import gguf
 
-    def val(key, default=None):
-        return f[key].contents() if key in f else default
+    from .gguf_read import read
+
+    r = read(path)
+    f = r.fields
+    val = f.get
 
     arch = val("general.architecture", "?")
     if arch not in SUPPORTED_GGUF_ARCHS:
         raise EdgesmithError(f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(sorted(SUPPORTED_GGUF_ARCHS))}")
     # GGUF stores ne = [in, out]; report torch-style [out, in]
-    shapes = {t.name: tuple(int(x) for x in reversed(t.shape.tolist())) for t in r.tensors}
-    total = sum(int(t.n_elements) for t in r.tensors)
+    shapes = {t["name"]: tuple(reversed(t["shape"])) for t in r.tensors}
+    total = sum(t["n_elements"] for t in r.tensors)
     hidden = int(val(f"{arch}.embedding_length"))
     heads = int(val(f"{arch}.attention.head_count"))
-    tokens = f["tokenizer.ggml.tokens"].contents() if "tokenizer.ggml.tokens" in f else []
+    tokens = f.get("tokenizer.ggml.tokens", [])
     vocab = int(val(f"{arch}.vocab_size", len(tokens)))
     tied = "output.weight" not in shapes
     emb = vocab * hidden * (1 if tied else 2)
-    types = Counter(t.tensor_type.name for t in r.tensors)
+    types = Counter(t["type"] for t in r.tensors)
     eos_tokens = []
     for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"):
         i = val(key)

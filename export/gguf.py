@@ -213,9 +213,9 @@ def gguf_metadata(hf_dir: Path, name: str, source_model: str | None = None, reci
     src = _source_gguf(hf_dir)
     src_fields = {}
     if src is not None:
-        from edgesmith.modelio import gguf_fields
+        from edgesmith.gguf_read import metadata
 
-        src_fields = gguf_fields(src)
+        src_fields = metadata(src)
     for key in ("general.languages",):  # not the organisation: a pruned/tuned derivative is not theirs
         if src_fields.get(key):
             meta[key] = src_fields[key]
@@ -310,9 +310,9 @@ def _fallback_pre(hf_dir: Path) -> str | None:
     src = _source_gguf(hf_dir)
     if src is None:
         return None
-    from edgesmith.modelio import gguf_fields
+    from edgesmith.gguf_read import metadata
 
-    pre = gguf_fields(src).get("tokenizer.ggml.pre")
+    pre = metadata(src).get("tokenizer.ggml.pre")
     return pre if isinstance(pre, str) else None
 
 
@@ -438,10 +438,10 @@ def load_imatrix(path: Path) -> tuple[dict[str, Any], dict]:
     data: dict[str, Any] = {}
     info: dict[str, Any] = {"file": str(path)}
     if magic == b"GGUF":
-        import gguf
+        from edgesmith.gguf_read import read
 
-        r = gguf.GGUFReader(str(path))
-        t = {x.name: np.asarray(x.data, dtype=np.float32).reshape(-1) for x in r.tensors}
+        r = read(path)
+        t = {x["name"]: np.asarray(r.tensor_array(x["name"]), dtype=np.float32).reshape(-1) for x in r.tensors}
         for key in t:
             if not key.endswith(".in_sum2"):
                 continue
@@ -453,9 +453,9 @@ def load_imatrix(path: Path) -> tuple[dict[str, Any], dict]:
             data[base] = np.where(cnt[:, None] > 0, per / np.maximum(cnt[:, None], 1), 1.0).reshape(-1).astype(np.float32)
         for k in ("imatrix.chunk_count", "imatrix.chunk_size"):
             if k in r.fields:
-                info[k.split(".")[1]] = int(r.fields[k].contents())
+                info[k.split(".")[1]] = int(r.fields[k])
         if "imatrix.datasets" in r.fields:
-            info["datasets"] = r.fields["imatrix.datasets"].contents()
+            info["datasets"] = r.fields["imatrix.datasets"]
     else:  # legacy: n_entries, then (len, name, ncall, nval, float[nval]) per entry
         raw = path.read_bytes()
         try:
@@ -487,9 +487,9 @@ def is_imatrix_file(path: Path) -> bool:
         head = f.read(4)
     if head != b"GGUF":
         return False
-    from edgesmith.modelio import gguf_fields
+    from edgesmith.gguf_read import metadata
 
-    return gguf_fields(path).get("general.type") == "imatrix"
+    return metadata(path).get("general.type") == "imatrix"
 
 
 # ---------------------------------------------------------------- quantiser (child process)
@@ -580,84 +580,13 @@ def parse_fallbacks(log: str) -> list[dict]:
 
 # ---------------------------------------------------------------- describing a GGUF
 
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-
-
-def read_gguf(path: Path, arrays: bool = True) -> tuple[dict, list[dict]]:
-    """(metadata, tensor infos) of a GGUF file, parsed straight from its header.
-
-    gguf.GGUFReader builds numpy views for every vocabulary string (~9 s for a 49k vocab on a busy
-    core); this reads the same header in well under a second. arrays=False skips array values.
-    """
-    import struct
-
-    import gguf
-
-    with open(path, "rb") as fh:
-        head = fh.read(24)
-        if head[:4] != b"GGUF":
-            raise EdgesmithError(f"{path}: not a GGUF file (bad magic)")
-        version, n_tensors, n_kv = struct.unpack_from("<IQQ", head, 4)
-        if version < 2:
-            raise EdgesmithError(f"{path}: GGUF version {version} is too old")
-        buf = fh.read(64 << 20)  # headers with a 150k-token vocabulary fit comfortably
-    off = 0
-
-    def take(fmt):
-        nonlocal off
-        v = struct.unpack_from(fmt, buf, off)
-        off += struct.calcsize(fmt)
-        return v[0]
-
-    def string():
-        nonlocal off
-        n = take("<Q")
-        off += n
-        return buf[off - n:off].decode("utf-8", "replace")
-
-    def value(t, keep=True):
-        nonlocal off
-        if t == 8:
-            return string()
-        if t == 9:
-            it, n = take("<I"), take("<Q")
-            if it == 8:
-                items = [string() for _ in range(n)]
-            else:
-                fmt = _SCALARS[it]
-                items = list(struct.unpack_from(f"<{n}{fmt[1]}", buf, off))
-                off += struct.calcsize(fmt) * n
-            return items if keep else f"<{n} items>"
-        return take(_SCALARS[t])
-
-    fields: dict[str, Any] = {}
-    try:
-        for _ in range(n_kv):
-            key = string()
-            fields[key] = value(take("<I"), arrays)
-        tensors = []
-        for _ in range(n_tensors):
-            name = string()
-            dims = [take("<Q") for _ in range(take("<I"))]
-            ttype, _offset = take("<I"), take("<Q")
-            qt = gguf.GGMLQuantizationType(ttype)
-            block, tsize = gguf.GGML_QUANT_SIZES[qt]
-            n_el = 1
-            for d in dims:
-                n_el *= d
-            tensors.append({"name": name, "shape": dims, "type": qt.name, "n_elements": n_el,
-                            "n_bytes": n_el // block * tsize})
-    except (struct.error, KeyError, ValueError) as e:
-        raise EdgesmithError(f"{path}: truncated or unreadable GGUF header ({type(e).__name__}: {e})") from None
-    return fields, tensors
-
-
-
-
 def describe(path: Path, qtype: str | None = None, log: str | None = None) -> dict:
     """Size, bits per weight, tensor type counts, file type check and fallbacks of one GGUF file."""
+    from edgesmith.gguf_read import read
+
     path = Path(path)
-    fields, tensors = read_gguf(path, arrays=False)
+    g = read(path)
+    fields, tensors = g.fields, g.tensors
     types = Counter(t["type"] for t in tensors)
     n_el = sum(t["n_elements"] for t in tensors)
     n_bytes = sum(t["n_bytes"] for t in tensors)
@@ -703,7 +632,9 @@ def fallback_warning(name: str, d: dict) -> str | None:
 
 def tokenizer_fields(path: Path) -> dict:
     """The tokenizer.* keys of a GGUF, arrays included (for comparing files)."""
-    return {k: v for k, v in read_gguf(path)[0].items() if k.startswith("tokenizer.")}
+    from edgesmith.gguf_read import metadata
+
+    return {k: v for k, v in metadata(path).items() if k.startswith("tokenizer.")}
 
 
 @functools.lru_cache(maxsize=4)

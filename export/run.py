@@ -127,14 +127,17 @@ def _ollama(cfg: ExportConfig, hf_dir: Path, out: Path, name: str, done: list[di
 def _gguf_lora(cfg: ExportConfig, hf_dir: Path, out: Path, name: str, done: list[dict], say) -> list[dict]:
     if not cfg.gguf_lora:
         return []
-    from .gguf import adapter_base_dir, convert_lora, read_gguf
+    from edgesmith.gguf_read import read
+
+    from .gguf import adapter_base_dir, convert_lora
 
     src = Path(str(cfg.model)).expanduser()
     base = adapter_base_dir(src, cfg.adapter_base or None)
     p = out / f"{name}-lora-F16.gguf"
     say(f"converting adapter {src} -> {p.name} (llama.cpp convert_lora_to_gguf, base {base})")
     convert_lora(src, base, p, "F16", source_model=str(cfg.model))
-    fields, tensors = read_gguf(p, arrays=False)
+    g = read(p)
+    fields, tensors = g.fields, g.tensors
     checks = {"general_type_adapter": fields.get("general.type") == "adapter",
               "adapter_type_lora": fields.get("adapter.type") == "lora",
               "lora_tensor_pairs": sum(t["name"].endswith(".lora_a") for t in tensors)}

@@ -13,6 +13,7 @@ import pytest
 
 from edgesmith.errors import EdgesmithError
 from edgesmith.export import gguf as G
+from edgesmith.gguf_read import read as read_gguf
 from edgesmith.native import run_isolated
 
 from conftest import make_tiny_llama
@@ -93,7 +94,7 @@ def test_odd_shapes_layout_file_types_and_checks(odd_export):
         assert (out / f"Modelfile.{q}").read_text().count(f"FROM ./odd-{q}.gguf") == 1
     assert report["all_checks_ok"] and not any(e["failed_checks"] for e in report["files"])
     for q in ("F16", "Q4_0", "Q4_K_M"):  # provenance survives quantisation
-        fields, _ = G.read_gguf(out / f"odd-{q}.gguf", arrays=False)
+        fields = read_gguf(out / f"odd-{q}.gguf").fields
         assert fields["edgesmith.recipe_hash"] == "0123abcd" and fields["edgesmith.source_model"] == str(model)
         assert fields["general.name"] == "odd" and fields["tokenizer.ggml.eot_token_id"] == 2
     assert report["recipe_hash"] == "0123abcd"
@@ -109,7 +110,7 @@ def test_odd_shapes_fallbacks_are_reported_with_their_widths(odd_export):
     # every 2-D weight has rows of 96 or 160 values: no K-quant block (256) fits, llama.cpp says so
     assert fb["count"] >= 2 * 7 and set(fb["widths"]) <= {96, 160} and 96 in fb["widths"]
     assert "Q4_K" not in q4k["tensor_types"] and "Q5_0" in q4k["tensor_types"]
-    fields, tensors = G.read_gguf(out / "odd-Q4_K_M.gguf", arrays=False)
+    tensors = read_gguf(out / "odd-Q4_K_M.gguf").tensors
     assert sum(t["type"] not in ("F32",) for t in tensors) >= fb["count"]
     warn = G.fallback_warning("odd-Q4_K_M.gguf", q4k)
     assert "96" in warn and "256" in warn
@@ -122,7 +123,7 @@ def test_odd_shapes_imatrix_is_llama_cpp_format_and_used(odd_export):
     _, out, report = odd_export
     data, info = G.load_imatrix(out / "odd.imatrix.gguf")
     assert info["chunk_count"] >= 1 and info["datasets"] == ["calib.txt"]
-    _, tensors = G.read_gguf(out / "odd-F16.gguf", arrays=False)
+    tensors = read_gguf(out / "odd-F16.gguf").tensors
     ne0 = {t["name"]: t["shape"][0] for t in tensors}
     # one entry per linear layer (7 per block + output), each as long as the tensor's rows
     assert len(data) == 2 * 7 + 1 and all(ne0[k] == v.size for k, v in data.items())
@@ -131,7 +132,7 @@ def test_odd_shapes_imatrix_is_llama_cpp_format_and_used(odd_export):
         e = next(e for e in report["files"] if e["type"] == f"gguf-{q}")
         # llama.cpp took every entry; only the embedding lookup has none (as with llama-imatrix's own files)
         assert e["gguf"]["imatrix"] == {"entries": len(data), "tensors_without_data": ["token_embd.weight"]}
-        fields, _ = G.read_gguf(out / e["path"], arrays=False)
+        fields = read_gguf(out / e["path"]).fields
         assert fields["quantize.imatrix.entries_count"] == len(data)
 
 
@@ -198,7 +199,7 @@ def test_pruned_shapes_from_a_lora_adapter_merge_convert_and_match(tmp_path, tok
     report = json.loads((out / "export.json").read_text())
     assert [e["path"] for e in report["files"]] == ["pruned-F16.gguf"]
     assert "adapter merged" in report["model"] and not list(out.glob(".merged-*"))
-    fields, tensors = G.read_gguf(out / "pruned-F16.gguf", arrays=False)
+    fields = read_gguf(out / "pruned-F16.gguf").fields
     assert fields["llama.attention.head_count"] == 2 and fields["llama.attention.head_count_kv"] == 1
     assert fields["llama.attention.key_length"] == 32 and fields["llama.embedding_length"] == 96
     assert fields["llama.block_count"] == 1 and fields["llama.feed_forward_length"] == 64
@@ -282,7 +283,7 @@ def test_default_sizes_order_file_types_and_metadata(default_export):
     size = {e["type"][5:]: e["size_bytes"] for e in report["files"] if e["type"].startswith("gguf-")}
     assert size["Q4_0"] < size["Q4_K_M"] < size["Q5_K_M"] < size["Q8_0"] < size["F16"]
     for q in size:
-        fields, _ = G.read_gguf(out / f"smollm2-135m-instruct-{q}.gguf", arrays=False)
+        fields = read_gguf(out / f"smollm2-135m-instruct-{q}.gguf").fields
         assert fields["general.file_type"] == G.ftype_table()[q]
         assert fields["general.name"] == "smollm2-135m-instruct" and fields["general.size_label"] == "135M"
         assert fields["general.license"] == "apache-2.0" and fields["edgesmith.source_model"] == "default"

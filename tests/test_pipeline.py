@@ -142,9 +142,9 @@ def test_tiny_pipeline_runs_skips_and_reruns_from_the_changed_stage(tmp_path, ti
     assert "| teacher | HF fp32 |" in report and "| student | GGUF F16 |" in report and "## Stage times" in report
     doc = json.loads((out / "bench" / "corpus.json").read_text())
     assert all("perplexity" in r for r in doc["results"])
-    from edgesmith.modelio import gguf_fields
+    from edgesmith.gguf_read import metadata
 
-    fields = gguf_fields(out / "export" / "tiny-edge-F16.gguf")
+    fields = metadata(out / "export" / "tiny-edge-F16.gguf")
     assert fields["edgesmith.recipe_hash"] == P.recipe_hash(P.load_recipe(recipe))
 
     first = _times(out)
