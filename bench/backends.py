@@ -94,29 +94,15 @@ class GGUFLM:
     backend = "gguf"
 
     def __init__(self, path: Path, threads: int, n_ctx: int = 2048):
-        import llama_cpp as L
-
+        from edgesmith import llamacpp
         from edgesmith.modelio import validate_gguf
 
         validate_gguf(path)  # header, architecture and tensor table checked before native code sees the file
         t0 = time.perf_counter()
-        self.L = L
-        L.llama_backend_init()
-        L.llama_log_set(_LOG_CB, None)
-        mp = L.llama_model_default_params()
-        self.model = L.llama_model_load_from_file(str(path).encode(), mp)
-        if not self.model:
-            raise EdgesmithError(f"{path}: llama.cpp could not load this GGUF")
-        cp = L.llama_context_default_params()
-        cp.n_ctx = n_ctx
-        cp.n_batch = n_ctx          # a whole scoring window in one llama_decode
-        cp.n_ubatch = 512           # llama-bench's default micro-batch
-        cp.n_threads = threads
-        cp.n_threads_batch = threads
-        cp.no_perf = True
-        self.ctx = L.llama_init_from_model(self.model, cp)
-        if not self.ctx:
-            raise EdgesmithError(f"{path}: llama.cpp could not create a context (n_ctx={n_ctx})")
+        # a whole scoring window in one llama_decode, llama-bench's default micro-batch (512)
+        self._loaded = llamacpp.load(path, threads, n_ctx)
+        L = self.L = self._loaded.L
+        self.model, self.ctx = self._loaded.model, self._loaded.ctx
         self.mem = L.llama_get_memory(self.ctx)
         self.vocab = L.llama_model_get_vocab(self.model)
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
@@ -228,32 +214,14 @@ class GGUFLM:
         return int(np.argmax(self._row(0)))
 
     def info(self) -> dict:
-        return {"llama_cpp_python": _version("llama_cpp_python"),
-                "system_info": self.L.llama_print_system_info().decode(errors="replace").strip()}
+        from edgesmith import llamacpp
+
+        return {"llama_cpp_python": llamacpp.version(), "system_info": llamacpp.system_info()}
 
     def close(self):
-        L = self.L
-        if getattr(self, "batch", None) is not None:
-            L.llama_batch_free(self.batch)
-            self.batch = None
-        if getattr(self, "ctx", None):
-            L.llama_free(self.ctx)
-            self.ctx = None
-        if getattr(self, "model", None):
-            L.llama_model_free(self.model)
-            self.model = None
-
-
-def _quiet_log(level, text, user_data):  # llama.cpp logs every tensor at load: keep stderr readable
-    return None
-
-
-try:  # the callback object must outlive every llama.cpp call
-    import ctypes as _ct
-
-    _LOG_CB = _ct.CFUNCTYPE(None, _ct.c_int, _ct.c_char_p, _ct.c_void_p)(_quiet_log)
-except Exception:  # noqa: BLE001
-    _LOG_CB = None
+        if getattr(self, "_loaded", None) is not None:
+            self._loaded.close(getattr(self, "batch", None))
+            self._loaded = self.batch = self.ctx = self.model = None
 
 
 # ---------------------------------------------------------------- ONNX: onnxruntime, numpy only

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgesmith import llamacpp
 from edgesmith.errors import ConfigError, EdgesmithError
 
 SCHEMA = 1
@@ -582,41 +583,8 @@ def machine_info(threads: int) -> dict:
         "cpu": cpu, "cpu_flags": [f for f in flags if f in keep], "cores": os.cpu_count(),
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "memory_gib": mem, "os": platform.platform(), "python": platform.python_version(), "libraries": libs,
-        "llama_cpp": llama_cpp_build(), "threads": threads, "hostname": platform.node(),
+        "llama_cpp": llamacpp.build_info(), "threads": threads, "hostname": platform.node(),
     }
-
-
-def llama_cpp_build() -> dict:
-    """llama-cpp-python's version and the instruction sets its llama.cpp was built to use, as the library itself
-    reports them (`llama_print_system_info`, not assumed from the CPU): a bench number is only as fast as the build."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        v = version("llama_cpp_python")
-    except PackageNotFoundError:
-        return {}
-    out: dict = {"llama_cpp_python": v}
-    try:
-        import llama_cpp
-
-        info = llama_cpp.llama_print_system_info().decode("utf-8", "replace")
-    except Exception as e:  # noqa: BLE001 - a broken install still gets its version recorded
-        out["system_info_error"] = f"{type(e).__name__}: {e}"
-        return out
-    out["system_info"] = info.strip()
-    out["cpu_features"] = parse_system_info(info)
-    return out
-
-
-def parse_system_info(info: str) -> list[str]:
-    """'CPU : SSE3 = 1 | AVX2 = 1 | AVX512 = 0 | ...' -> the enabled features: ['SSE3', 'AVX2', ...]."""
-    feats = []
-    for part in info.split("|"):
-        name, _, val = part.rpartition("=")
-        name = name.split(":")[-1].strip()
-        if name and val.strip() == "1":
-            feats.append(name)
-    return feats
 
 
 # ---------------------------------------------------------------- the run (parent)

@@ -27,17 +27,6 @@ from .errors import EdgesmithError
 # backends cannot drift apart: same sampler, same stop rules, speed measured the same way.
 
 
-def _llama_threads() -> int:
-    """Physical cores (Ollama's default num_thread), within this process's CPU affinity: llama.cpp's threads
-    spin-wait at every step, so a thread sharing a core with another (or a busy one) slows decoding down."""
-    import psutil
-
-    n = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    if hasattr(os, "sched_getaffinity"):
-        n = min(n, len(os.sched_getaffinity(0)))
-    return max(1, n)
-
-
 class HFChat:
     """PyTorch (transformers) over an HF directory, KV cache kept between tokens."""
 
@@ -111,6 +100,7 @@ class GGUFChat:
     def __init__(self, path: str | os.PathLike, threads: int | None = None):
         from .bench.backends import GGUFLM
         from .export.ollama import MAX_NUM_CTX
+        from .llamacpp import physical_threads
         from .modelio import validate_gguf
         from .native import run_isolated
 
@@ -119,7 +109,7 @@ class GGUFChat:
         # the first load + decode happens in a child: an abort in llama.cpp ends that child, not the chat
         run_isolated(_probe_gguf, str(path), what=f"llama.cpp loading {path.name}")
         # Ollama's context for the exported model (the Modelfile's num_ctx for any model that long)
-        self.lm = GGUFLM(path, threads=threads or _llama_threads(), n_ctx=MAX_NUM_CTX)
+        self.lm = GGUFLM(path, threads=threads or physical_threads(), n_ctx=MAX_NUM_CTX)
         self.n_ctx, self.path = MAX_NUM_CTX, path
         self.eos_ids = set(self.lm.eos_ids)
         if not self.lm.chat_template:

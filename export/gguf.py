@@ -501,13 +501,9 @@ def _quantize_child(src: str, dst: str, ftype: int, nthread: int, imatrix_file: 
 
     import llama_cpp
 
-    logs: list[str] = []
+    from edgesmith.llamacpp import capture_logs
 
-    @llama_cpp.llama_log_callback
-    def on_log(level, text, user_data):
-        logs.append(text.decode("utf-8", "replace"))
-
-    llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
+    logs = capture_logs()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = nthread
@@ -676,74 +672,13 @@ def check_tokenizer_metadata(gguf_path: Path, hf_dir: Path) -> dict:
 # ---------------------------------------------------------------- llama.cpp runs (child processes)
 
 
-def _open(path: str, n_ctx: int = 512, logits_all: bool = False, vocab_only: bool = False, threads: int | None = None,
-          lora_path: str | None = None):
-    from llama_cpp import Llama
-
-    return Llama(model_path=path, n_ctx=n_ctx, logits_all=logits_all, vocab_only=vocab_only, verbose=False,
-                 n_threads=threads or os.cpu_count() or 1, n_batch=min(n_ctx, 512), seed=0, lora_path=lora_path)
-
-
-def llama_tokenize(path: str, texts: list[str]) -> list[list[int]]:
-    """llama.cpp's token ids for each text (no BOS added; special tokens in the text parsed). Child only."""
-    llm = _open(path, vocab_only=True)
-    try:
-        return [llm.tokenize(t.encode("utf-8"), add_bos=False, special=True) for t in texts]
-    finally:
-        llm.close()
-
-
-def llama_logits(path: str, ids: list[int], threads: int | None = None, lora_path: str | None = None):
-    """llama.cpp's logits [T, vocab] (float32) for every position of `ids` (with a GGUF LoRA applied if
-    given). Child only; small inputs."""
-    import numpy as np
-
-    llm = _open(path, n_ctx=max(32, len(ids)), logits_all=True, threads=threads, lora_path=lora_path)
-    try:
-        llm.eval(ids)
-        return np.array(llm.scores[: len(ids)], dtype=np.float32)
-    finally:
-        llm.close()
-
-
-def llama_score(path: str, windows: list[list[int]], threads: int | None = None) -> list[dict]:
-    """For each token window: llama.cpp's argmax and the NLL of the next token at every position. Child only."""
-    import numpy as np
-
-    n_ctx = max(len(w) for w in windows)
-    llm = _open(path, n_ctx=n_ctx, logits_all=True, threads=threads)
-    out = []
-    try:
-        for w in windows:
-            llm.reset()
-            llm.eval(w)
-            logits = np.asarray(llm.scores[: len(w)], dtype=np.float64)  # [T, vocab]
-            m = logits.max(-1, keepdims=True)
-            lse = (m + np.log(np.exp(logits - m).sum(-1, keepdims=True)))[:, 0]
-            tgt = np.asarray(w[1:])
-            nll = lse[:-1] - logits[np.arange(len(w) - 1), tgt]
-            out.append({"argmax": logits.argmax(-1).tolist(), "nll": nll.tolist(), "finite": bool(np.isfinite(logits).all())})
-    finally:
-        llm.close()
-    return out
-
-
-def llama_chat(path: str, messages: list[dict], max_tokens: int = 48) -> dict:
-    """Greedy chat completion with the GGUF's own chat template; {text, finish_reason}. Child only."""
-    llm = _open(path, n_ctx=512)
-    try:
-        r = llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=0.0, top_k=1, seed=0)
-        c = r["choices"][0]
-        return {"text": c["message"]["content"], "finish_reason": c["finish_reason"]}
-    finally:
-        llm.close()
-
-
 def _load_check(path: str, samples: list[str], expected: list[list[int]], threads: int | None) -> dict:
     """Child: loads in llama.cpp, tokenises like HF, produces finite logits on a short prompt."""
     import numpy as np
 
-    llm = _open(path, n_ctx=128, threads=threads)
+    from edgesmith.llamacpp import open_llama
+
+    llm = open_llama(path, n_ctx=128, threads=threads)
     try:
         got = [llm.tokenize(t.encode("utf-8"), add_bos=False, special=True) for t in samples]
         ids = expected[-1][:32]

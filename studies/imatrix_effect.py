@@ -34,10 +34,10 @@ def perplexity(path: Path, windows: list[list[int]], threads: int) -> float:
     """llama-perplexity style: mean NLL of the second half of every window, from llama.cpp's logits."""
     import numpy as np
 
-    from edgesmith.export import gguf as G
+    from edgesmith import llamacpp
     from edgesmith.native import run_isolated
 
-    r = run_isolated(G.llama_score, str(path), windows, threads, what=f"llama.cpp perplexity of {path.name}")
+    r = run_isolated(llamacpp.score, str(path), windows, threads, what=f"llama.cpp perplexity of {path.name}")
     nll = np.concatenate([np.asarray(w["nll"])[CTX // 2:] for w in r])  # nll[t] scores token t+1 (as llama-perplexity)
     return round(math.exp(float(nll.mean())), 4)
 

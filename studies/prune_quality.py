@@ -173,7 +173,7 @@ def greedy_parity(hf_dir: Path, gguf_path: Path, new_tokens: int = 32) -> list[d
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from edgesmith.export import gguf
+    from edgesmith import llamacpp
     from edgesmith.native import run_isolated
 
     tok = AutoTokenizer.from_pretrained(hf_dir)
@@ -189,12 +189,12 @@ def greedy_parity(hf_dir: Path, gguf_path: Path, new_tokens: int = 32) -> list[d
                                  output_logits=True, return_dict_in_generate=True)
         seq, n = out.sequences[0].tolist(), ids.shape[1]
         hf_next = seq[n:]
-        logits = run_isolated(gguf.llama_logits, str(gguf_path), seq, what="llama.cpp logits")  # [T, vocab]
+        logits = run_isolated(llamacpp.logits, str(gguf_path), seq, what="llama.cpp logits")  # [T, vocab]
         ll = torch.as_tensor(logits[n - 1: n - 1 + len(hf_next)])                               # [new, vocab]
         ll_next = ll.argmax(-1).tolist()
         first = next((i for i, (a, b) in enumerate(zip(hf_next, ll_next)) if a != b), None)
         hf_text = tok.decode(hf_next, skip_special_tokens=True)
-        ll_text = run_isolated(gguf.llama_chat, str(gguf_path), [{"role": "user", "content": prompt}], new_tokens,
+        ll_text = run_isolated(llamacpp.chat, str(gguf_path), [{"role": "user", "content": prompt}], new_tokens,
                                what="llama.cpp greedy chat")["text"]
         row = {"prompt": prompt, "tokens": len(hf_next), "text": hf_text, "llama_cpp_text": ll_text,
                "agree": sum(a == b for a, b in zip(hf_next, ll_next)), "first_divergence": first, "match": first is None,

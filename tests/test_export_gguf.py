@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from edgesmith.errors import EdgesmithError
+from edgesmith import llamacpp
 from edgesmith.export import gguf as G
 from edgesmith.gguf_read import read as read_gguf
 from edgesmith.native import run_isolated
@@ -141,7 +142,7 @@ def test_odd_shapes_f16_logits_match_hf_fp32(odd_export):
     tok = G.hf_tokenizer(model)
     ids = tok("The quick brown fox jumps over the lazy dog. 1234567 café 🤖", add_special_tokens=False)["input_ids"]
     ref = hf_logits(model, ids)
-    got = run_isolated(G.llama_logits, str(out / "odd-F16.gguf"), ids, 2, what="llama.cpp logits")
+    got = run_isolated(llamacpp.logits, str(out / "odd-F16.gguf"), ids, 2, what="llama.cpp logits")
     assert got.shape == ref.shape
     # F16 weights: differences are rounding-sized compared with the spread of the logits
     assert np.abs(got - ref).max() < 0.05 * ref.std() + 1e-3
@@ -211,7 +212,7 @@ def test_pruned_shapes_from_a_lora_adapter_merge_convert_and_match(tmp_path, tok
     with torch.inference_mode():
         ref = merged(torch.tensor([ids])).logits[0].numpy()
     base_ref = hf_logits(base, ids)
-    got = run_isolated(G.llama_logits, str(out / "pruned-F16.gguf"), ids, 2, what="llama.cpp logits")
+    got = run_isolated(llamacpp.logits, str(out / "pruned-F16.gguf"), ids, 2, what="llama.cpp logits")
     assert np.abs(got - ref).max() < 0.05 * ref.std() + 1e-3
     assert np.abs(got - base_ref).max() > 10 * np.abs(got - ref).max(), "the adapter was not merged"
 
@@ -245,8 +246,8 @@ def test_lora_adapter_exports_as_gguf_lora_that_llama_cpp_applies(tmp_path, toke
                                        str(tmp_path / "adapter")).merge_and_unload()
     with torch.inference_mode():
         ref = merged(torch.tensor([ids])).logits[0].numpy()
-    got = run_isolated(G.llama_logits, str(base_gguf), ids, 2, str(tmp_path / "out" / e["path"]), what="llama.cpp + LoRA")
-    plain = run_isolated(G.llama_logits, str(base_gguf), ids, 2, what="llama.cpp logits")
+    got = run_isolated(llamacpp.logits, str(base_gguf), ids, 2, str(tmp_path / "out" / e["path"]), what="llama.cpp + LoRA")
+    plain = run_isolated(llamacpp.logits, str(base_gguf), ids, 2, what="llama.cpp logits")
     assert np.abs(got - ref).max() < 0.05 * ref.std() + 1e-3
     assert np.abs(plain - ref).max() > 10 * np.abs(got - ref).max(), "the adapter was not applied"
 
@@ -312,7 +313,7 @@ def test_default_tokenisation_matches_hf_on_wikitext_and_chat(default_export, de
     ]
     texts += [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
     ref = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-    got = run_isolated(G.llama_tokenize, str(out / "smollm2-135m-instruct-F16.gguf"), texts, what="llama.cpp tokenize")
+    got = run_isolated(llamacpp.tokenize, str(out / "smollm2-135m-instruct-F16.gguf"), texts, what="llama.cpp tokenize")
     bad = [t for t, a, b in zip(texts, ref, got) if a != b]
     assert not bad, f"{len(bad)} texts differ, first: {bad[0]!r}"
     assert got[-1][0] == 1 and 2 in got[-1]  # <|im_start|> / <|im_end|> parsed as single special tokens
@@ -335,7 +336,7 @@ def test_default_f16_top1_agreement_and_perplexity_match_hf(default_export, defa
     m = AutoModelForCausalLM.from_pretrained(str(default_hf), dtype=torch.float32, local_files_only=True).eval()
     with torch.inference_mode():
         ref = [m(torch.tensor([w])).logits[0] for w in prompt_ids + windows]
-    got = run_isolated(G.llama_score, str(out / "smollm2-135m-instruct-F16.gguf"), prompt_ids + windows, 2,
+    got = run_isolated(llamacpp.score, str(out / "smollm2-135m-instruct-F16.gguf"), prompt_ids + windows, 2,
                        what="llama.cpp scoring")
     agree = [a == b for r, g in zip(ref[:5], got[:5]) for a, b in zip(r.argmax(-1).tolist(), g["argmax"])]
     assert sum(agree) / len(agree) >= 0.99, f"top-1 agreement {sum(agree)}/{len(agree)}"
@@ -356,8 +357,8 @@ def test_default_q8_0_chat_says_paris_and_stops_on_end_of_turn(default_export):
     Q8_0 file is asked with an explicit system prompt, where the margin is 0.46 nats."""
     out, _ = default_export
     q = [{"role": "user", "content": "What is the capital of France?"}]
-    f16 = run_isolated(G.llama_chat, str(out / "smollm2-135m-instruct-F16.gguf"), q, 64, what="llama.cpp chat")
-    q8 = run_isolated(G.llama_chat, str(out / "smollm2-135m-instruct-Q8_0.gguf"),
+    f16 = run_isolated(llamacpp.chat, str(out / "smollm2-135m-instruct-F16.gguf"), q, 64, what="llama.cpp chat")
+    q8 = run_isolated(llamacpp.chat, str(out / "smollm2-135m-instruct-Q8_0.gguf"),
                       [{"role": "system", "content": "You are a helpful assistant."}] + q, 64, what="llama.cpp chat")
     for r in (f16, q8):
         assert "Paris" in r["text"] and r["finish_reason"] == "stop", r
