@@ -23,6 +23,11 @@ def cmd_bench(args) -> int:
     bad = sorted(set(s.task_kinds or []) - {"hf", "gguf", "onnx"})
     if bad:
         raise EdgesmithError(f"--task-kinds: unknown kind {bad[0]!r} (expected hf, gguf or onnx)")
+    if not args.remote:
+        for flag, given in (("--remote-wheels", args.remote_wheels), ("--ssh-config", args.ssh_config),
+                            ("--remote-keep", args.remote_keep)):
+            if given:
+                raise EdgesmithError(f"{flag} needs --remote [USER@]HOST")
     if args.remote:
         from edgesmith.bench.remote import run_remote
 
@@ -98,13 +103,14 @@ def register(sub) -> None:
     p.add_argument("--json", metavar="FILE", help="write the results JSON (schema 1) here")
     g = p.add_argument_group("remote device (SSH: your ~/.ssh config and keys, BatchMode, never a password)")
     g.add_argument("--remote", metavar="[USER@]HOST[:PORT]", help="copy the artifacts and task files there, run the "
-                   "same harness in a venv with edgesmith[device] (installed if missing), bring the JSON back")
+                   "same harness in a venv with this edgesmith (its wheel is built here and copied; never taken from "
+                   "an index) and its [device] dependencies (installed if missing), bring the JSON back")
     g.add_argument("--ssh-config", metavar="FILE", help="ssh/scp -F FILE instead of ~/.ssh/config")
     g.add_argument("--remote-dir", default="~/.cache/edgesmith-remote", help="remote folder for the venv and runs "
                    "(default ~/.cache/edgesmith-remote)")
     g.add_argument("--remote-python", default="python3", help="remote interpreter that creates the venv (default python3)")
-    g.add_argument("--remote-wheels", metavar="DIR", help="install from these wheels (pip --no-index --find-links), "
-                   "for a device without a package index")
+    g.add_argument("--remote-wheels", metavar="DIR", help="install edgesmith[device]'s dependencies from these wheels "
+                   "(pip --no-index --find-links) instead of the device's package index, for a device without internet")
     g.add_argument("--remote-keep", action="store_true", help="keep the copied artifacts on the remote")
     p.set_defaults(func=cmd_bench)
 
