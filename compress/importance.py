@@ -66,7 +66,7 @@ class Scores:
 # ---------------------------------------------------------------- calibration statistics
 
 
-def collect_stats(model, windows, batch_size: int = 4) -> dict:
+def collect_stats(model, windows, batch_size: int = 4, gram: bool = False) -> dict:
     """One pass over `windows` [N, T] token ids with hooks; returns running sums (float64):
 
     mlp_sq   [L, I]     sum of x^2 of the down_proj input   (Wanda's ||X_j||^2 for MLP channel j)
@@ -74,6 +74,7 @@ def collect_stats(model, windows, batch_size: int = 4) -> dict:
     norm_abs [D]        sum of |x| of every RMSNorm output  (Minitron's hidden-channel activation)
     bi       [L]        sum over tokens of 1 - cos(layer input, layer output)   (block influence)
     tokens   int        tokens seen (the denominator of every mean)
+    down_gram [L, I, I] sum of x xᵀ of the down_proj input (only with gram=True: least-squares reconstruction)
     """
     import torch
 
@@ -87,6 +88,8 @@ def collect_stats(model, windows, batch_size: int = 4) -> dict:
         "bi": torch.zeros(L, dtype=torch.float64),
         "tokens": 0,
     }
+    if gram:
+        st["down_gram"] = torch.zeros(L, dims.intermediate_size, dims.intermediate_size, dtype=torch.float64)
     hooks = []
 
     def flat(x):  # [B, T, C] -> [B*T, C] float64
@@ -97,7 +100,10 @@ def collect_stats(model, windows, batch_size: int = 4) -> dict:
 
     for i, layer in enumerate(base.layers):
         def down_in(mod, args, i=i):
-            st["mlp_sq"][i] += flat(args[0]).pow(2).sum(0)
+            x = flat(args[0])                                  # [B*T, I]
+            st["mlp_sq"][i] += x.pow(2).sum(0)
+            if gram:
+                st["down_gram"][i] += (x.float().T @ x.float()).double()  # fp32 matmul: 10x faster, sums stay fp64
 
         def o_in(mod, args, i=i):
             st["attn_sq"][i] += flat(args[0]).pow(2).sum(0)

@@ -88,6 +88,11 @@ class PruneConfig:
     """Held-out windows for perplexity before/after (0 = skip; only when real data is available)."""
     search_candidates: int = 6
     """Shapes the --target-params search evaluates by calibration loss."""
+    reconstruct: str = "none"
+    """After the cut: none, or ls (refit each kept down_proj in closed form so the layer's output on calibration text
+    stays closest to the unpruned one; compress/reconstruct.py). Kept off by default: see studies/results/distill-ablation.md."""
+    reconstruct_ridge: float = 0.01
+    """Ridge strength of --reconstruct ls, relative to the mean activation energy of the kept channels."""
     rescale_norms: bool = True
     """Scale RMSNorm weights by sqrt(old/new hidden) so normalised activations keep their size."""
     sparsity: str | None = None
@@ -123,6 +128,10 @@ class PruneConfig:
         for name in ("calib_windows", "calib_seq_len", "search_candidates", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"expected a positive integer, got {getattr(self, name)}")
+        if self.reconstruct not in ("none", "ls"):
+            raise ConfigError("reconstruct", f"expected none or ls, got {self.reconstruct!r}")
+        if self.reconstruct_ridge <= 0:
+            raise ConfigError("reconstruct_ridge", f"expected > 0, got {self.reconstruct_ridge}")
         if self.eval_windows < 0:
             raise ConfigError("eval_windows", f"expected 0 or more, got {self.eval_windows}")
 
@@ -693,7 +702,7 @@ def run(cfg: PruneConfig, quiet: bool = False) -> Path:
     # -- calibration data: needed by activation ranking, block influence (when layers go) and the search
     drops_layers = target is not None or (want["num_layers"] or src.num_layers) < src.num_layers
     need_data = (cfg.importance in NEEDS_DATA or (drops_layers and cfg.layer_importance in LAYER_NEEDS_DATA)
-                 or target is not None)
+                 or target is not None or cfg.reconstruct != "none")
     t = time.perf_counter()
     calib = held_out = None
     calib_info = None
@@ -719,7 +728,7 @@ def run(cfg: PruneConfig, quiet: bool = False) -> Path:
         from .importance import collect_stats
 
         say(f"calibrating on {len(calib)} windows of {cfg.calib_seq_len} tokens ...")
-        stats = collect_stats(model, calib, cfg.batch_size)
+        stats = collect_stats(model, calib, cfg.batch_size, gram=cfg.reconstruct == "ls")
         calib_info = {"source": source, "windows": len(calib), "seq_len": cfg.calib_seq_len, "tokens": int(calib.numel())}
     seconds["calibration"] = time.perf_counter() - t
 
@@ -751,6 +760,18 @@ def run(cfg: PruneConfig, quiet: bool = False) -> Path:
     keep = plan_keep(scores, layer_scores, src, tgt)
     pruned = prune_model(model, keep, tgt, cfg.rescale_norms)
     seconds["prune"] = time.perf_counter() - t
+    reconstruction = None
+    if cfg.reconstruct == "ls":
+        from .reconstruct import refit_down_proj
+
+        t = time.perf_counter()
+        layers = refit_down_proj(pruned, sd, stats["down_gram"], keep, cfg.reconstruct_ridge)
+        mean = lambda k: sum(r[k] for r in layers) / len(layers)  # noqa: E731
+        reconstruction = {"method": "ls", "ridge": cfg.reconstruct_ridge, "layers": layers,
+                          "mean_error_cut": round(mean("error_cut"), 6), "mean_error_refit": round(mean("error_refit"), 6)}
+        say(f"reconstruct ls: down_proj output error on calibration text {mean('error_cut'):.4f} -> {mean('error_refit'):.4f} "
+            f"(mean over {len(layers)} layers, relative)")
+        seconds["reconstruct"] = time.perf_counter() - t
 
     sparsity = apply_sparsity(pruned, parse_sparsity(cfg.sparsity)) if cfg.sparsity else None
 
@@ -768,7 +789,7 @@ def run(cfg: PruneConfig, quiet: bool = False) -> Path:
         "before": {"dims": dims_dict(src), "params": param_counts(model)},
         "after": {"dims": dims_dict(tgt), "params": param_counts(pruned)},
         "adjusted": notes, "importance": cfg.importance, "layer_importance": cfg.layer_importance,
-        "calibration": calib_info, "search": search, "sparsity": sparsity, "perplexity": ppl,
+        "calibration": calib_info, "search": search, "sparsity": sparsity, "perplexity": ppl, "reconstruction": reconstruction,
         "layer_scores": [float(x) for x in layer_scores] if layer_ranked else None, "kept_layers": keep.layers,
         "dropped_layers": [l for l in range(src.num_layers) if l not in keep.layers],
         "per_layer": [

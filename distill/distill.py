@@ -8,7 +8,13 @@ through LoRA) with the shared loop on
     loss = (1 - ce_weight) * T² * D(teacher_T || student_T)  +  ce_weight * CE  +  hidden_weight * H
 
 where D is forward KL (default), reverse KL or Jensen-Shannon at temperature T, and H a cosine/MSE
-distance between chosen hidden layers (through a learned projection when widths differ). Logits are
+distance between chosen hidden layers (through a learned projection when widths differ).
+
+Block-wise distillation (optional): student block j stands for the teacher layer it was pruned from; its output
+should be the teacher's residual stream just before the teacher's next kept layer (for a dropped span, the block
+before the gap learns the teacher's output after the gap). `block_phase` spends the first part of the budget on
+that local loss alone, each block fed the teacher's own input (blocks learn independently, errors cannot compound);
+`block_weight` mixes it into the end-to-end loss with the student's own inputs. Logits are
 computed chunk by chunk over the sequence inside activation checkpoints, so full-vocabulary logits
 for the whole batch never sit in memory at once (49k vocab x 512 tokens x 8 = 800 MB in fp32).
 """
@@ -93,6 +99,63 @@ def hidden_distance(s_h, t_h, kind: str):
     return (s_h.float() - t_h.float()).pow(2).mean(-1)
 
 
+def block_map(kept: list[int], n_teacher: int) -> list[tuple[int, int]]:
+    """kept: the teacher layer each student layer came from -> per student block (r_in, r_out), indices into the
+    teacher's residual stream (0 = embeddings, r = output of teacher layer r-1): the block reads stream kept[j] and
+    should write stream kept[j+1] (the last block: the teacher's last layer output, n_teacher)."""
+    nxt = list(kept[1:]) + [n_teacher]
+    return list(zip(kept, nxt))
+
+
+def block_distance(s_h, t_h):
+    """s_h, t_h: [N, H] one block's outputs over N tokens -> summed squared error normalised by the teacher's mean
+    squared norm (a scalar): blocks whose residual streams differ 100x in scale weigh alike."""
+    t = t_h.float()
+    return (s_h.float() - t).pow(2).sum() / t.pow(2).sum(-1).mean().clamp(min=1e-6)
+
+
+def kept_layers(student_dir: Path, n_student: int, n_teacher: int) -> tuple[list[int], str]:
+    """Which teacher layer each student layer came from: prune_report.json's kept_layers when the student is an
+    edgesmith prune output, else the identity (same depth) or evenly spaced layers (an assumption, said so)."""
+    rep = student_dir / "prune_report.json"
+    if rep.is_file():
+        kept = json.loads(rep.read_text()).get("kept_layers")
+        if isinstance(kept, list) and len(kept) == n_student and all(isinstance(k, int) and 0 <= k < n_teacher for k in kept):
+            return sorted(kept), "prune_report.json"
+    if n_student == n_teacher:
+        return list(range(n_student)), "same depth"
+    return [round(j * n_teacher / n_student) for j in range(n_student)], "evenly spaced (no prune_report.json)"
+
+
+class BlockTaps:
+    """Forward hooks on every decoder layer: record each layer's output; optionally replace each student layer's
+    input with a given tensor (the teacher's stream at that block), so every block trains on the teacher's input."""
+
+    def __init__(self, model):
+        self.out: list = [None] * len(_decoder_layers(model))
+        self.feed: list | None = None  # per layer: the input to use instead of the previous layer's output
+        for i, layer in enumerate(_decoder_layers(model)):
+            layer.register_forward_hook(self._save(i))
+            layer.register_forward_pre_hook(self._swap(i), with_kwargs=True)
+
+    def _save(self, i):
+        def hook(mod, args, out):  # noqa: ARG001 - return None: the output is not changed
+            self.out[i] = out[0] if isinstance(out, tuple) else out
+        return hook
+
+    def _swap(self, i):
+        def hook(mod, args, kwargs):  # noqa: ARG001
+            if self.feed is None:
+                return None
+            h = self.feed[i].to(args[0].dtype if args else kwargs["hidden_states"].dtype)
+            return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
+        return hook
+
+
+def _decoder_layers(model):
+    return _unwrap(model).model.layers
+
+
 # ---------------------------------------------------------------- config
 
 
@@ -121,6 +184,12 @@ class DistillConfig:
     """Hidden-state distance: cosine or mse."""
     layer_pairs: list[str] = field(default_factory=list)
     """Hidden-state pairs STUDENT:TEACHER (hidden_states indices, 0 = embeddings), e.g. 15:30 (default: middle and last)."""
+    block_weight: float = 0.0
+    """Block-wise loss mixed into the end-to-end loss, student-side inputs (0 disables): each student block's output vs
+    the teacher's residual stream before the next kept teacher layer, normalised MSE."""
+    block_phase: float = 0.0
+    """Fraction of the training budget (time, or steps without one) spent first on the block-wise loss alone, every
+    block fed the teacher's input, before end-to-end KD (0 disables)."""
     chunk_size: int = 128
     """Token positions per logits chunk (bounds the [chunk, vocab] memory)."""
     cache_teacher_topk: int = 0
@@ -167,6 +236,10 @@ class DistillConfig:
             a, _, b = str(p).partition(":")
             if not (a.strip().lstrip("-").isdigit() and b.strip().lstrip("-").isdigit()):
                 raise ConfigError(f"layer_pairs[{i}]", f"expected STUDENT:TEACHER layer indices like 15:30, got {p!r}")
+        if self.block_weight < 0:
+            raise ConfigError("block_weight", f"expected >= 0, got {self.block_weight}")
+        if not 0 <= self.block_phase < 1:
+            raise ConfigError("block_phase", f"expected a fraction in [0, 1), got {self.block_phase}")
         if self.chunk_size < 1:
             raise ConfigError("chunk_size", f"expected >= 1, got {self.chunk_size}")
         if self.cache_teacher_topk < 0:
@@ -293,13 +366,30 @@ class TopkCache:
 # ---------------------------------------------------------------- the loss over one batch
 
 
-def make_loss_fn(teacher, cfg: DistillConfig, pairs: list[tuple[int, int]], proj=None, cache: TopkCache | None = None):
-    """loss_fn(student, batch) -> (loss_sum over label positions, n_label_positions) for the shared loop."""
+def make_loss_fn(teacher, cfg: DistillConfig, pairs: list[tuple[int, int]], proj=None, cache: TopkCache | None = None,
+                 blocks: tuple[list[tuple[int, int]], BlockTaps, BlockTaps] | None = None):
+    """loss_fn(student, batch) -> (loss_sum over label positions, n_label_positions) for the shared loop.
+    blocks: (block_map, student taps, teacher taps) when a block-wise loss is on."""
     import torch
     from torch.utils.checkpoint import checkpoint
 
     T, kind = cfg.temperature, cfg.loss
     t_head = _unwrap(teacher).get_output_embeddings() if teacher is not None else None  # None: every target is cached
+
+    def block_loss(ids, att, student=None):
+        """Mean over blocks of each block's normalised squared error against the teacher's stream (after a teacher
+        forward filled its taps). With `student` it runs here, every block on the teacher's input; without, the
+        student's last forward (its own inputs) is scored."""
+        bmap, s_taps, t_taps = blocks
+        stream = [_unwrap(teacher).get_input_embeddings()(ids)] + list(t_taps.out)  # n_t + 1 of [B, L, H]
+        if student is not None:
+            s_taps.feed = [stream[a] for a, _ in bmap]
+            try:
+                student(input_ids=ids, attention_mask=att, logits_to_keep=1)
+            finally:
+                s_taps.feed = None
+        tok = att.bool()                                                          # [B, L] real tokens
+        return sum(block_distance(s_taps.out[j][tok], stream[b][tok]) for j, (_, b) in enumerate(bmap)) / len(bmap)
 
     def chunk_loss(s_rows, t_rows, t_idx, t_logp, labels, s_head):
         # s_rows [C, Hs] student final hidden; t_rows [C, Ht] teacher final hidden (or None with a cache)
@@ -318,15 +408,20 @@ def make_loss_fn(teacher, cfg: DistillConfig, pairs: list[tuple[int, int]], proj
     def loss_fn(student, batch):
         ids, att, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         want_hidden = cfg.hidden_weight > 0
+        m = labels[:, 1:] != IGNORE                                  # [B, L-1] positions that predict a label
+        # block-wise phase: the first block_phase of the run (training batches carry "progress"; validation does not)
+        phase = blocks is not None and cfg.block_phase > 0 and batch.get("progress", 1.0) < cfg.block_phase
+        mixed = blocks is not None and cfg.block_weight > 0 and torch.is_grad_enabled()
+        t_hs = None
+        if cache is None or want_hidden or phase or mixed:
+            with torch.no_grad():  # one teacher pass: final hidden states for KD, layer outputs for the block taps
+                t_hs = teacher(input_ids=ids, attention_mask=att, output_hidden_states=True, logits_to_keep=1).hidden_states
+        if phase:
+            return block_loss(ids, att, student), int(m.sum())
         s_out = student(input_ids=ids, attention_mask=att, output_hidden_states=True, logits_to_keep=1)
         s_hs = s_out.hidden_states                                   # tuple of [B, L, Hs]
-        m = labels[:, 1:] != IGNORE                                  # [B, L-1] positions that predict a label
         s_rows = s_hs[-1][:, :-1][m]                                 # [N, Hs]
         y = labels[:, 1:][m]                                         # [N]
-        t_hs = None
-        if cache is None or want_hidden:
-            with torch.no_grad():
-                t_hs = teacher(input_ids=ids, attention_mask=att, output_hidden_states=True, logits_to_keep=1).hidden_states
         t_rows = t_hs[-1][:, :-1][m] if (t_hs is not None and cache is None) else None  # [N, Ht]
         t_idx = t_logp = None
         if cache is not None:
@@ -349,6 +444,8 @@ def make_loss_fn(teacher, cfg: DistillConfig, pairs: list[tuple[int, int]], proj
                 if proj is not None and proj[j] is not None and not isinstance(proj[j], torch.nn.Identity):
                     sh = proj[j](sh)                                 # [N, Ht]
                 total = total + cfg.hidden_weight / len(pairs) * hidden_distance(sh, th, cfg.hidden_loss).sum()
+        if mixed:  # the student's own forward above filled its taps
+            total = total + cfg.block_weight * block_loss(ids, att)
         return total, int(m.sum())
 
     return loss_fn
@@ -469,7 +566,8 @@ def run(cfg: DistillConfig) -> Path:
               f"{tr_counts['truncated']} truncated to {cfg.max_length})")
 
     # the teacher stays out of memory when the cache holds every target the loss needs
-    need_teacher = cfg.data != "teacher" or cfg.hidden_weight > 0
+    use_blocks = cfg.block_weight > 0 or cfg.block_phase > 0
+    need_teacher = cfg.data != "teacher" or cfg.hidden_weight > 0 or use_blocks
     teacher = modelio.load_model(t_path, dtype="float32", device=str(device)).eval().requires_grad_(False) if need_teacher else None
     student = modelio.load_model(s_path, dtype="float32")
     if teacher is not None and teacher.get_output_embeddings().weight.shape[0] != student.get_output_embeddings().weight.shape[0]:
@@ -502,7 +600,22 @@ def run(cfg: DistillConfig) -> Path:
     else:
         student.requires_grad_(True)
 
-    loss_fn = make_loss_fn(teacher, cfg, pairs, proj, cache)
+    blocks, block_info = None, None
+    if use_blocks:
+        if cfg.lora:
+            raise ConfigError("block_phase" if cfg.block_phase else "block_weight", "block-wise distillation trains whole blocks: not with lora")
+        if student.config.hidden_size != teacher.config.hidden_size:
+            raise ConfigError("block_phase" if cfg.block_phase else "block_weight",
+                              f"block-wise distillation compares residual streams: the student's hidden size "
+                              f"({student.config.hidden_size}) must equal the teacher's ({teacher.config.hidden_size})")
+        kept, how = kept_layers(s_path, n_s, n_t)
+        bmap = block_map(kept, n_t)
+        blocks = (bmap, BlockTaps(student), BlockTaps(teacher))
+        block_info = {"kept_layers": kept, "from": how, "weight": cfg.block_weight, "phase": cfg.block_phase}
+        print(f"distill: block-wise targets from {how}: student block j reads teacher stream kept[j], writes the stream "
+              f"before the next kept layer ({sum(1 for a, b in bmap if b - a > 1)} blocks stand for a dropped span)")
+
+    loss_fn = make_loss_fn(teacher, cfg, pairs, proj, cache, blocks)
     # validation: the teacher corpus' cache covers its held-out sequences too; build_topk_cache covers training only
     val_loss_fn = make_loss_fn(teacher, cfg, pairs, proj, None) if cache is not None and cfg.data != "teacher" else None
     res = train(student, train_ex, loss_fn, cfg.train, out, pad_id=pad_id, val_examples=val_ex or None,
@@ -530,6 +643,7 @@ def run(cfg: DistillConfig) -> Path:
         "stage": "distill", "teacher": str(t_path), "student": str(s_path), "data": data_info,
         "examples": {"train": len(train_ex), "validation": len(val_ex), "train_counts": tr_counts, "validation_counts": va_counts},
         "layer_pairs": [f"{a}:{b}" for a, b in pairs] if cfg.hidden_weight > 0 else [],
+        "blockwise": block_info,
         "teacher_topk_cache": (cfg.corpus.topk if cfg.data == "teacher" else cfg.cache_teacher_topk) or None,
         # how much of the corpus training saw: epochs > 1 means tokens were repeated
         "epochs": round(res.tokens / max(1, tr_counts["tokens"]), 3),

@@ -501,7 +501,11 @@ def train(
             local_tok = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches)
             global_tok = int(acc.reduce(torch.tensor(local_tok, device=device), "sum"))
             step_loss = torch.zeros((), device=device)
+            # how far through the run this step is (0..1, by the clock under a time budget, else by steps):
+            # a loss with phases (distill's block-wise phase) reads it, and it survives a resume
+            progress = ((elapsed_before + time.time() - t0) / budget) if budget is not None else step / max(1, cfg.max_steps)
             for mi, b in enumerate(micro_batches):
+                b["progress"] = min(1.0, progress)
                 sync = mi == len(micro_batches) - 1
                 ctx = acc.no_sync(model) if (not sync and world > 1) else _nullctx()
                 with ctx, acc.autocast():

@@ -298,3 +298,86 @@ def test_distill_on_teacher_corpus_without_loading_the_teacher(tiny_factory, tmp
     assert man["examples"]["validation"] > 0 and man["epochs"] > 0 and man["train_tokens_per_s"] > 0
     r = man["result"]
     assert r["last_val_loss"] < r["first_val_loss"]  # the student moves towards the teacher on held-out sequences
+
+
+# ---------------------------------------------------------------- block-wise distillation
+
+
+def _block_errors(teacher, student, bmap, batch):
+    """Each student block's normalised error against the teacher's stream, every block fed the teacher's input."""
+    import torch
+
+    from edgesmith.distill.distill import BlockTaps, block_distance
+
+    s_taps, t_taps = BlockTaps(student), BlockTaps(teacher)
+    with torch.no_grad():
+        teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        stream = [teacher.get_input_embeddings()(batch["input_ids"])] + list(t_taps.out)
+        s_taps.feed = [stream[a] for a, _ in bmap]
+        student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    tok = batch["attention_mask"].bool()
+    return [float(block_distance(s_taps.out[j][tok], stream[b][tok])) for j, (_, b) in enumerate(bmap)]
+
+
+def test_block_map_and_a_copy_of_the_teacher_has_zero_block_loss(tiny_factory):
+    from edgesmith.distill.distill import BlockTaps, DistillConfig, block_map, make_loss_fn
+    from edgesmith.modelio import load_model
+    from edgesmith.trainloop import collate
+
+    # layers 2, 3 dropped: the block from layer 1 stands for the span 1..3 and must write stream 4
+    assert block_map([0, 1, 4, 5], 8) == [(0, 1), (1, 4), (4, 5), (5, 8)]
+    t_dir = tiny_factory("teacher", hidden=64, layers=3, seed=0)
+    teacher, student = load_model(t_dir), load_model(t_dir)
+    batch = collate([{"input_ids": list(range(5, 25)), "labels": list(range(5, 25))},
+                     {"input_ids": list(range(40, 52)), "labels": list(range(40, 52))}], pad_id=2)
+    taps = ([(0, 1), (1, 2), (2, 3)], BlockTaps(student), BlockTaps(teacher))
+    for progress in (0.1, 0.9):  # in the phase (teacher inputs), then mixed into KD (student inputs)
+        fn = make_loss_fn(teacher, DistillConfig(student="x", block_phase=0.5, block_weight=1.0), [], None, None, taps)
+        loss, n = fn(student, {**batch, "progress": progress})
+        assert n == 19 + 11 and abs(float(loss)) < 1e-4, (progress, float(loss))
+    # a perturbed student: the loss is positive and reaches every block
+    import torch
+
+    with torch.no_grad():
+        for layer in student.model.layers:
+            layer.mlp.down_proj.weight.add_(0.05 * torch.randn_like(layer.mlp.down_proj.weight))
+    assert all(e > 1e-4 for e in _block_errors(teacher, student, taps[0], batch))
+
+
+def test_blockwise_phase_reduces_every_blocks_error(tiny_factory, tmp_path, monkeypatch):
+    from edgesmith.compress.prune import PruneConfig
+    from edgesmith.compress.prune import run as prune
+    from edgesmith.distill.distill import DistillConfig, block_map, run
+    from edgesmith.modelio import load_model
+    from edgesmith.trainloop import TrainConfig, collate
+
+    monkeypatch.setenv("EDGESMITH_CACHE", str(tmp_path / "cache"))
+    t_dir = tiny_factory("teacher", hidden=64, intermediate=128, layers=4, seed=0)
+    s_dir = prune(PruneConfig(model=str(t_dir), out=str(tmp_path / "pruned"), intermediate_size=64, num_layers=2,
+                              importance="magnitude", layer_importance="magnitude", round_to=32, eval_windows=0), quiet=True)
+    kept = json.loads((s_dir / "prune_report.json").read_text())["kept_layers"]
+    bmap = block_map(kept, 4)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(s_dir))
+    ids = [tok(f"Number {i} is {'even' if i % 2 == 0 else 'odd'}, and {i} plus one is {i + 1}.")["input_ids"] for i in (3, 8)]
+    batch = collate([{"input_ids": x, "labels": x} for x in ids], pad_id=2)  # text like the training data's
+    teacher = load_model(t_dir)
+    before = _block_errors(teacher, load_model(s_dir), bmap, batch)
+    out = run(DistillConfig(teacher=str(t_dir), student=str(s_dir), data=str(_data(tmp_path)), max_length=32, val_fraction=0.0,
+                            out=str(tmp_path / "d"), block_phase=0.99,
+                            train=TrainConfig(lr=1e-4, max_steps=30, warmup_steps=1, batch_size=4, precision="fp32",
+                                              progress=False)))
+    after = _block_errors(teacher, load_model(out), bmap, batch)
+    assert all(a < b for a, b in zip(after, before)), (before, after)
+    man = json.loads((out / "distill.json").read_text())
+    assert man["blockwise"]["kept_layers"] == kept and man["blockwise"]["from"] == "prune_report.json"
+
+
+def test_blockwise_refuses_a_different_width(tiny_factory, tmp_path):
+    from edgesmith.distill.distill import DistillConfig, run
+
+    t_dir, s_dir = _models(tiny_factory)
+    with pytest.raises(ConfigError, match="block_weight.*hidden size"):
+        run(DistillConfig(teacher=str(t_dir), student=str(s_dir), data=str(_data(tmp_path)), out=str(tmp_path / "o"),
+                          block_weight=0.5))

@@ -244,3 +244,36 @@ def test_without_data_the_model_writes_its_calibration_text(tiny_factory, tmp_pa
     a, b = load_model(tmp_path / "a"), load_model(tmp_path / "b")
     assert a.config.intermediate_size == 64
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))  # same seed, same text, same cut
+
+
+def test_ridge_refit_is_the_least_squares_solution():
+    import torch
+
+    from edgesmith.compress.reconstruct import output_error, ridge_refit
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 12, generator=g, dtype=torch.float64)             # [tokens, I]
+    x[:, 3] += 0.8 * x[:, 7]                                                 # correlated channels: a refit can help
+    w = torch.randn(5, 12, generator=g, dtype=torch.float64)                # [out, I]
+    keep = [0, 2, 3, 5, 9]
+    gram = x.T @ x
+    w_new = ridge_refit(w, gram, keep, ridge=1e-9)
+    ref = torch.linalg.lstsq(x[:, keep], x @ w.T).solution.T               # argmin ||x_k W'ᵀ - x Wᵀ||
+    assert torch.allclose(w_new, ref, atol=1e-6)
+    assert output_error(w, w_new, gram, keep) < output_error(w, w[:, keep], gram, keep)
+    # the error from the Gram matrix equals the direct one
+    direct = ((x @ w.T - x[:, keep] @ w_new.T).pow(2).sum() / (x @ w.T).pow(2).sum()).item()
+    assert output_error(w, w_new, gram, keep) == pytest.approx(direct, rel=1e-9)
+
+
+def test_reconstruct_ls_lowers_every_layers_output_error(tiny_factory, tmp_path):
+    src_dir = tiny_factory("src", intermediate=128, layers=3)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(f"Line {i}: the quick brown fox jumps over the lazy dog {i * 7} times." for i in range(400)))
+    out = run(PruneConfig(model=str(src_dir), out=str(tmp_path / "p"), intermediate_size=64, num_layers=2, calib=str(calib),
+                          calib_windows=4, calib_seq_len=64, reconstruct="ls", round_to=32, eval_windows=0), quiet=True)
+    rep = json.loads((out / "prune_report.json").read_text())["reconstruction"]
+    assert rep["method"] == "ls" and len(rep["layers"]) == 2
+    assert all(r["error_refit"] < r["error_cut"] for r in rep["layers"]), rep["layers"]
+    with pytest.raises(ConfigError, match="reconstruct"):
+        PruneConfig(reconstruct="svd")
