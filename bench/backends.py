@@ -26,7 +26,7 @@ from edgesmith.errors import EdgesmithError
 
 def kind_of(path: Path) -> str:
     """'gguf' | 'onnx' | 'hf' for an artifact path (bad paths get a one-line error)."""
-    from edgesmith.modelio import is_gguf_file
+    from edgesmith.gguf_check import is_gguf_file
 
     if path.is_file():
         if is_gguf_file(path):
@@ -95,7 +95,7 @@ class GGUFLM:
 
     def __init__(self, path: Path, threads: int, n_ctx: int = 2048):
         from edgesmith import llamacpp
-        from edgesmith.modelio import validate_gguf
+        from edgesmith.gguf_check import validate_gguf
 
         validate_gguf(path)  # header, architecture and tensor table checked before native code sees the file
         t0 = time.perf_counter()

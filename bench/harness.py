@@ -430,11 +430,11 @@ def artifact_facts(path: Path, kind: str) -> tuple[float, float | None, int | No
     params = None
     try:
         if kind == "gguf":
-            from edgesmith.modelio import validate_gguf
+            from edgesmith.gguf_check import validate_gguf
 
             params = validate_gguf(path)["params"]  # from the tensor table: no metadata parse
         elif kind == "hf":
-            from edgesmith.modelio import facts
+            from edgesmith.facts import facts
 
             params = facts(path).params_total
         else:

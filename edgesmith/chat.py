@@ -101,7 +101,7 @@ class GGUFChat:
         from .bench.backends import GGUFLM
         from .export.ollama import MAX_NUM_CTX
         from .llamacpp import physical_threads
-        from .modelio import validate_gguf
+        from .gguf_check import validate_gguf
         from .native import run_isolated
 
         path = Path(path)
@@ -230,7 +230,8 @@ def _export_dir_choice(d: Path):
 def open_backend(spec: str, threads: int | None = None):
     """The runtime for MODEL: llama.cpp for `default`, a .gguf or an export directory; onnxruntime for an
     ONNX directory; PyTorch for an HF directory. It carries `.sampling`, the model's defaults."""
-    from .modelio import default_gguf, is_gguf_file, source_path
+    from .gguf_check import is_gguf_file
+    from .modelio import default_gguf, source_path
 
     if spec == "default":
         bot = GGUFChat(default_gguf(), threads)

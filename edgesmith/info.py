@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from .modelio import facts, width_warnings
+from .facts import facts, width_warnings
 
 
 def human_params(n: int) -> str:

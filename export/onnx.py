@@ -203,7 +203,7 @@ def export_onnx(hf_dir: Path, out_dir: Path, quant: str | None = None, check: bo
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if quant not in QUANTS:
         raise EdgesmithError(f"onnx quant {quant!r}: expected one of int8, int4 (or none for fp32)")
-    from edgesmith.modelio import check_hf_dir
+    from edgesmith.hfdir import check_hf_dir
 
     check_hf_dir(hf_dir)
     weights = sum(p.stat().st_size for p in hf_dir.iterdir() if p.suffix in (".safetensors", ".bin"))

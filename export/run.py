@@ -22,7 +22,7 @@ from edgesmith.config import ConfigError
 from edgesmith.errors import EdgesmithError
 from edgesmith.fsutil import check_free_space, ensure_writable_dir, write_json
 
-from .gguf import DEFAULT_TYPES, FLOAT_TYPES, parse_types
+from .quantize import DEFAULT_TYPES, FLOAT_TYPES, parse_types
 
 ONNX_QUANTS = ("int8", "int4")
 
@@ -129,7 +129,7 @@ def _gguf_lora(cfg: ExportConfig, hf_dir: Path, out: Path, name: str, done: list
         return []
     from edgesmith.gguf_read import read
 
-    from .gguf import adapter_base_dir, convert_lora
+    from .gguf_convert import adapter_base_dir, convert_lora
 
     src = Path(str(cfg.model)).expanduser()
     base = adapter_base_dir(src, cfg.adapter_base or None)
@@ -164,7 +164,7 @@ def is_adapter_dir(p: Path) -> bool:
 
 
 def _estimate_bytes(cfg: ExportConfig, hf_dir: Path) -> int:
-    from edgesmith.modelio import facts
+    from edgesmith.facts import facts
 
     per = {"F32": 4.0, "F16": 2.0, "BF16": 2.0, "int8": 1.1, "int4": 0.7}  # bytes per parameter
     g = sum(per.get(t.upper(), 1.1) for t in cfg.gguf) + (per[cfg.base.upper()] if cfg.gguf else 0)
@@ -186,6 +186,8 @@ def failed_checks(checks: dict, prefix: str = "") -> list[str]:
 def run(cfg: ExportConfig, say: Callable[[str], None] = print) -> Path:
     """Export cfg.model into cfg.out; return the output directory (export.json inside lists every file)."""
     from edgesmith import modelio
+    from edgesmith.facts import facts, width_warnings
+    from edgesmith.hfdir import check_hf_dir
 
     t0 = time.perf_counter()
     out = ensure_writable_dir(Path(cfg.out).expanduser()).resolve()
@@ -196,7 +198,7 @@ def run(cfg: ExportConfig, say: Callable[[str], None] = print) -> Path:
         if is_adapter_dir(src) and not (cfg.gguf or cfg.onnx or cfg.onnx_quant):
             # only the adapter itself is exported (--gguf-lora --gguf none): nothing to merge
             hf_dir = modelio.resolve(cfg.adapter_base) if cfg.adapter_base else None
-            from .gguf import adapter_base_dir
+            from .gguf_convert import adapter_base_dir
 
             hf_dir = hf_dir or adapter_base_dir(src)
             source = f"{src} (LoRA adapter of {hf_dir})"
@@ -209,10 +211,10 @@ def run(cfg: ExportConfig, say: Callable[[str], None] = print) -> Path:
             source = f"{src} (adapter merged into {cfg.adapter_base or 'its recorded base'})"
         else:
             hf_dir = modelio.resolve(cfg.model)
-            modelio.check_hf_dir(hf_dir)
+            check_hf_dir(hf_dir)
             source = str(cfg.model)
         check_free_space(out, _estimate_bytes(cfg, hf_dir), f"exporting {name}")
-        for w in modelio.width_warnings(modelio.facts(hf_dir)):
+        for w in width_warnings(facts(hf_dir)):
             say(f"note: {w}")
         entries: list[dict] = []
         onnx_job = None

@@ -51,12 +51,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from edgesmith.export import gguf as G
+    from edgesmith.export.gguf_checks import hf_tokenizer
+    from edgesmith.export.imatrix import compute_imatrix
     from edgesmith.fsutil import write_json, write_text
     from edgesmith.modelio import resolve
 
     t_start = time.perf_counter()
     hf = resolve("default")
-    tok = G.hf_tokenizer(hf)
+    tok = hf_tokenizer(hf)
     wiki = DATA / "lm" / "wikitext-2-raw" / "wiki.test.raw"
     text = wiki.read_text(encoding="utf-8")
     ids = tok(text, add_special_tokens=False)["input_ids"]
@@ -83,7 +85,7 @@ def main(argv=None) -> int:
         plain = G.export_gguf(hf, root / "plain", "m", ["F16", "Q4_0", "Q4_K_M"], check=False, threads=args.threads, say=quiet)
         t0 = time.perf_counter()
         # export_gguf computes the imatrix from the calibration text exactly like `--imatrix CALIB`
-        imx_path = G.compute_imatrix(hf, calib, root / "m.imatrix.gguf", max_chunks=args.calib_chunks, say=print)
+        imx_path = compute_imatrix(hf, calib, root / "m.imatrix.gguf", max_chunks=args.calib_chunks, say=print)
         imatrix_seconds = time.perf_counter() - t0
         with_imx = G.export_gguf(hf, root / "imatrix", "m", ["Q4_0", "Q4_K_M"], imatrix=imx_path, check=False,
                                  threads=args.threads, say=quiet)

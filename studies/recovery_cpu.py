@@ -66,7 +66,8 @@ def main() -> int:
     from edgesmith.distill.distill import DistillConfig
     from edgesmith.distill.distill import run as distill
     from edgesmith.fsutil import write_json
-    from edgesmith.modelio import facts, resolve
+    from edgesmith.facts import facts
+    from edgesmith.modelio import resolve
     from edgesmith.trainloop import TrainConfig
 
     work = Path(args.work)

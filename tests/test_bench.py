@@ -77,7 +77,7 @@ def test_tasks_load_real_formats(shared_data, tmp_path):
 def tiny_set(tmp_path_factory, tokenizer_dir):
     """A tiny random Llama as HF fp32, GGUF F32 (llama.cpp's converter) and ONNX fp32 (optimum)."""
     from conftest import make_tiny_llama
-    from edgesmith.export.gguf import convert
+    from edgesmith.export.gguf_convert import convert
     from edgesmith.export.onnx import export_onnx
 
     d = tmp_path_factory.mktemp("benchset")
@@ -200,7 +200,7 @@ def test_device_backends_import_no_torch(tiny_set):
 @pytest.mark.slow
 def test_default_model_hf_gguf_f16_onnx_agree(default_hf, shared_data, tmp_path):
     """SmolLM2-135M: HF fp32, GGUF F16 and ONNX fp32 within 1% perplexity and 0.5 points MC."""
-    from edgesmith.export.gguf import convert
+    from edgesmith.export.gguf_convert import convert
     from edgesmith.export.onnx import export_onnx
 
     gguf = convert(default_hf, tmp_path / "smol-F16.gguf", "F16")

@@ -28,7 +28,7 @@ SMOLLM2_SAMPLING = Sampling(temperature=0.2, top_p=0.9, top_k=40, repeat_penalty
 def tiny_set(tmp_path_factory, tokenizer_dir):
     """One tiny random Llama as HF fp32, GGUF F32 (llama.cpp's converter) and ONNX fp32 (optimum)."""
     from conftest import make_tiny_llama
-    from edgesmith.export.gguf import convert
+    from edgesmith.export.gguf_convert import convert
     from edgesmith.export.onnx import export_onnx
 
     d = tmp_path_factory.mktemp("chatset")

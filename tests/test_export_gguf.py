@@ -13,7 +13,7 @@ import pytest
 
 from edgesmith.errors import EdgesmithError
 from edgesmith import llamacpp
-from edgesmith.export import gguf as G
+from edgesmith.export import gguf_checks, gguf_convert, imatrix, quantize
 from edgesmith.gguf_read import read as read_gguf
 from edgesmith.native import run_isolated
 
@@ -35,13 +35,13 @@ def hf_logits(model_dir: Path, ids: list[int]) -> np.ndarray:
 def test_type_names_match_llama_cpp_and_bad_names_fail_in_one_line():
     import llama_cpp
 
-    table = G.ftype_table()
+    table = quantize.ftype_table()
     for name, value in table.items():
         const = "LLAMA_FTYPE_ALL_F32" if name == "F32" else f"LLAMA_FTYPE_MOSTLY_{name}"
         assert getattr(llama_cpp, const) == value, name
-    assert G.parse_types("F16, q4_k_m,Q8_0") == ["F16", "q4_k_m", "Q8_0"]  # kept exactly as given
+    assert quantize.parse_types("F16, q4_k_m,Q8_0") == ["F16", "q4_k_m", "Q8_0"]  # kept exactly as given
     with pytest.raises(EdgesmithError) as e:
-        G.parse_types("F16,Q4_K_XL")
+        quantize.parse_types("F16,Q4_K_XL")
     msg = str(e.value)
     assert "Q4_K_XL" in msg and "Q4_K_M" in msg and "Q5_K_M" in msg and "\n" not in msg
 
@@ -113,7 +113,7 @@ def test_odd_shapes_fallbacks_are_reported_with_their_widths(odd_export):
     assert "Q4_K" not in q4k["tensor_types"] and "Q5_0" in q4k["tensor_types"]
     tensors = read_gguf(out / "odd-Q4_K_M.gguf").tensors
     assert sum(t["type"] not in ("F32",) for t in tensors) >= fb["count"]
-    warn = G.fallback_warning("odd-Q4_K_M.gguf", q4k)
+    warn = gguf_checks.fallback_warning("odd-Q4_K_M.gguf", q4k)
     assert "96" in warn and "256" in warn
     # 32-wide blocks fit 96 and 160: Q4_0 keeps its own type for the layer weights
     q40 = next(e for e in report["files"] if e["type"] == "gguf-Q4_0")["gguf"]
@@ -122,7 +122,7 @@ def test_odd_shapes_fallbacks_are_reported_with_their_widths(odd_export):
 
 def test_odd_shapes_imatrix_is_llama_cpp_format_and_used(odd_export):
     _, out, report = odd_export
-    data, info = G.load_imatrix(out / "odd.imatrix.gguf")
+    data, info = imatrix.load_imatrix(out / "odd.imatrix.gguf")
     assert info["chunk_count"] >= 1 and info["datasets"] == ["calib.txt"]
     tensors = read_gguf(out / "odd-F16.gguf").tensors
     ne0 = {t["name"]: t["shape"][0] for t in tensors}
@@ -139,7 +139,7 @@ def test_odd_shapes_imatrix_is_llama_cpp_format_and_used(odd_export):
 
 def test_odd_shapes_f16_logits_match_hf_fp32(odd_export):
     model, out, _ = odd_export
-    tok = G.hf_tokenizer(model)
+    tok = gguf_checks.hf_tokenizer(model)
     ids = tok("The quick brown fox jumps over the lazy dog. 1234567 café 🤖", add_special_tokens=False)["input_ids"]
     ref = hf_logits(model, ids)
     got = run_isolated(llamacpp.logits, str(out / "odd-F16.gguf"), ids, 2, what="llama.cpp logits")
@@ -208,7 +208,7 @@ def test_pruned_shapes_from_a_lora_adapter_merge_convert_and_match(tmp_path, tok
     # reference: the same adapter merged by peft in the test
     merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32),
                                        str(tmp_path / "adapter")).merge_and_unload()
-    ids = G.hf_tokenizer(base)("Pruned models still speak: 42 tokens, more or less.", add_special_tokens=False)["input_ids"]
+    ids = gguf_checks.hf_tokenizer(base)("Pruned models still speak: 42 tokens, more or less.", add_special_tokens=False)["input_ids"]
     with torch.inference_mode():
         ref = merged(torch.tensor([ids])).logits[0].numpy()
     base_ref = hf_logits(base, ids)
@@ -240,8 +240,8 @@ def test_lora_adapter_exports_as_gguf_lora_that_llama_cpp_applies(tmp_path, toke
     assert e["path"] == "tiny-lora-F16.gguf" and e["type"] == "gguf-lora-F16" and e["lora_alpha"] == 16
     assert e["checks"]["ok"] and e["checks"]["lora_tensor_pairs"] == 2 * 4 and not e["failed_checks"]
     assert not list((tmp_path / "out").glob(".*")), "temporary files left behind"
-    base_gguf = G.convert(base, tmp_path / "base-F16.gguf", "F16", "base")
-    ids = G.hf_tokenizer(base)("Adapters ride on any quant of their base: 12 tokens or so.", add_special_tokens=False)["input_ids"]
+    base_gguf = gguf_convert.convert(base, tmp_path / "base-F16.gguf", "F16", "base")
+    ids = gguf_checks.hf_tokenizer(base)("Adapters ride on any quant of their base: 12 tokens or so.", add_special_tokens=False)["input_ids"]
     merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32),
                                        str(tmp_path / "adapter")).merge_and_unload()
     with torch.inference_mode():
@@ -285,12 +285,12 @@ def test_default_sizes_order_file_types_and_metadata(default_export):
     assert size["Q4_0"] < size["Q4_K_M"] < size["Q5_K_M"] < size["Q8_0"] < size["F16"]
     for q in size:
         fields = read_gguf(out / f"smollm2-135m-instruct-{q}.gguf").fields
-        assert fields["general.file_type"] == G.ftype_table()[q]
+        assert fields["general.file_type"] == quantize.ftype_table()[q]
         assert fields["general.name"] == "smollm2-135m-instruct" and fields["general.size_label"] == "135M"
         assert fields["general.license"] == "apache-2.0" and fields["edgesmith.source_model"] == "default"
         assert fields["edgesmith.recipe_hash"] == "feedbeef" and fields["edgesmith.version"]
-    f16 = G.tokenizer_fields(out / "smollm2-135m-instruct-F16.gguf")
-    src = G.tokenizer_fields(G._source_gguf(Path(report["hf_dir"])))
+    f16 = gguf_checks.tokenizer_fields(out / "smollm2-135m-instruct-F16.gguf")
+    src = gguf_checks.tokenizer_fields(gguf_convert._source_gguf(Path(report["hf_dir"])))
     # faithful tokenizer: the converter recognised SmolLM2's pre-tokenizer and reproduced the vocabulary
     for k in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.merges",
               "tokenizer.ggml.token_type", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
@@ -304,7 +304,7 @@ def test_default_sizes_order_file_types_and_metadata(default_export):
 @pytest.mark.slow
 def test_default_tokenisation_matches_hf_on_wikitext_and_chat(default_export, default_hf, shared_data):
     out, _ = default_export
-    tok = G.hf_tokenizer(default_hf)
+    tok = gguf_checks.hf_tokenizer(default_hf)
     texts = _wiki_lines(shared_data, 200)
     chats = [
         [{"role": "user", "content": "What is the capital of France?"}],
@@ -325,7 +325,7 @@ def test_default_f16_top1_agreement_and_perplexity_match_hf(default_export, defa
     from transformers import AutoModelForCausalLM
 
     out, _ = default_export
-    tok = G.hf_tokenizer(default_hf)
+    tok = gguf_checks.hf_tokenizer(default_hf)
     prompts = ["The capital of France is", "def fibonacci(n):\n    ", "In 1869, the Suez Canal",
                tok.apply_chat_template([{"role": "user", "content": "Name three colours."}], tokenize=False,
                                        add_generation_prompt=True),

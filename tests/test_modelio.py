@@ -8,7 +8,9 @@ import sys
 import pytest
 
 from edgesmith.errors import EdgesmithError
-from edgesmith.modelio import check_hf_dir, default_gguf, facts, load, load_tokenizer, resolve, width_warnings
+from edgesmith.facts import facts, width_warnings
+from edgesmith.hfdir import check_hf_dir
+from edgesmith.modelio import default_gguf, load, load_tokenizer, resolve
 
 WIKI = "lm/wikitext-2-raw/wiki.test.raw"
 

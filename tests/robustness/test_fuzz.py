@@ -46,7 +46,7 @@ def gguf_mutation(draw):
 
 @pytest.fixture(scope="module")
 def gguf_seeds(tiny_gguf, tiny_gguf_q8):
-    from edgesmith.modelio import validate_gguf
+    from edgesmith.gguf_check import validate_gguf
 
     return [(p.read_bytes(), validate_gguf(p)["data_offset"]) for p in (tiny_gguf, tiny_gguf_q8)]
 

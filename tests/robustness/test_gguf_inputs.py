@@ -34,7 +34,7 @@ def default_sha(default_gguf_path):
 
 def test_truncated_copies_of_the_default_gguf(default_gguf_path, default_sha, tmp_path):
     """The real 98 MB default GGUF cut inside its header, its tensor table, its tensor data and by one byte."""
-    from edgesmith.modelio import validate_gguf
+    from edgesmith.gguf_check import validate_gguf
 
     info = validate_gguf(default_gguf_path)
     size = info["size"]
