@@ -156,6 +156,50 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
     return made
 
 
+def sweep_plot(doc: dict, path: Path) -> Path:
+    """Two panels of a sweep (edgesmith/sweep.py): WikiText perplexity vs decode tok/s, and mean accuracy
+    (± standard error) vs file size, one point per student labelled by its fraction, the teacher as a star, the
+    Pareto front (faster and lower perplexity than any other student) joined by a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts, t, q = doc["points"], doc.get("teacher") or {}, doc["quant"]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for p in pts:
+        c = "tab:red" if p.get("pareto") else "tab:blue"
+        if p.get("decode_tok_s") and p.get("wikitext_ppl"):
+            a1.scatter(p["decode_tok_s"], p["wikitext_ppl"], color=c, s=40, zorder=3)
+            a1.annotate(f"{p['fraction']:.0%}", (p["decode_tok_s"], p["wikitext_ppl"]), fontsize=8, xytext=(5, 4), textcoords="offset points")
+        if p.get("file_mb") and p.get("mean_acc") is not None:
+            a2.errorbar(p["file_mb"], 100 * p["mean_acc"], yerr=100 * (p.get("mean_acc_stderr") or 0), fmt="o", color=c, capsize=3)
+            a2.annotate(f"{p['fraction']:.0%}", (p["file_mb"], 100 * p["mean_acc"]), fontsize=8, xytext=(5, 4), textcoords="offset points")
+    front = sorted((p["decode_tok_s"], p["wikitext_ppl"]) for p in pts if p.get("pareto") and p.get("decode_tok_s") and p.get("wikitext_ppl"))
+    if len(front) > 1:
+        a1.plot(*zip(*front), color="tab:red", lw=1, alpha=0.6, label="Pareto front")
+    if t.get("decode_tok_s") and t.get("wikitext_ppl"):
+        a1.scatter(t["decode_tok_s"], t["wikitext_ppl"], marker="*", s=160, color="black", label="teacher", zorder=4)
+    if t.get("file_mb") and t.get("mean_acc") is not None:
+        a2.errorbar(t["file_mb"], 100 * t["mean_acc"], yerr=100 * (t.get("mean_acc_stderr") or 0), fmt="*", ms=12, color="black",
+                    capsize=3, label="teacher")
+    a1.set_yscale("log")
+    a1.set_xlabel(f"{q} decode tok/s (tg128, this machine)")
+    a1.set_ylabel("WikiText-2 perplexity (HF, lower is better)")
+    a1.set_title("quality vs speed")
+    a2.set_xlabel(f"{q} file size (MiB)")
+    a2.set_ylabel("mean accuracy % ± standard error")
+    a2.set_title("accuracy vs size")
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    return path
+
+
 def report(paths: list[str], out_dir: str | Path) -> Path:
     rows = load_results(paths)
     out = ensure_writable_dir(out_dir)

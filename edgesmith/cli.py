@@ -28,6 +28,7 @@ COMMANDS = {
     "bench": "edgesmith.bench.cli",
     "report": "edgesmith.bench.cli_report",
     "run": "edgesmith.pipeline",
+    "sweep": "edgesmith.sweep",
 }
 
 

@@ -270,6 +270,8 @@ class BenchStage:
     """Exported files to measure, by type (F16, Q4_0, Q4_K_M, Q5_K_M, Q8_0, onnx); null = every exported file."""
     teacher_quants: list[str] = field(default_factory=list)
     """Also export the teacher to these GGUF types (e.g. [Q4_K_M]) so speed and size compare at the same quantisation."""
+    teacher_source_gguf: bool = True
+    """Also measure the GGUF the teacher came from (the default model's shipped Q4_1, or the .gguf given as model)."""
 
     def __post_init__(self):
         if self.limit is not None and self.limit < 1:
@@ -295,7 +297,7 @@ def _bench_artifacts(ctx: Ctx, cfg: BenchStage) -> list[str]:
     if cfg.teacher:
         arts.append(str(modelio.resolve(ctx.teacher)))
         src = ctx.teacher if str(ctx.teacher).endswith(".gguf") else (str(modelio.default_gguf()) if ctx.teacher == "default" else None)
-        if src:
+        if src and cfg.teacher_source_gguf:
             arts.append(src)
     student = ctx.artifacts.get("_model")  # the last HF model the pipeline produced
     if student and student not in arts:
@@ -635,6 +637,16 @@ def report_rows(root: Path, ctx_paths: dict) -> list[dict]:
     return list(rows.values())
 
 
+def bench_rows(root: Path) -> list[dict]:
+    """report_rows of a finished pipeline output root: the student is the last HF model a stage wrote."""
+    ctx_paths = {s: str(root / s) for s in ORDER if (root / s).exists()}
+    for s in ("merge", "distill", "prune"):
+        if s in ctx_paths and (root / s / "config.json").is_file():
+            ctx_paths["_model"] = ctx_paths[s]
+            break
+    return report_rows(root, ctx_paths)
+
+
 def _f(v, spec=".2f") -> str:
     return "-" if v is None else format(v, spec)
 
@@ -731,12 +743,7 @@ def write_report(root: Path, recipe: Recipe, work: Path) -> Path:
     """OUT/report/{report.md, *.png} and a copy OUT/report.md with links into report/."""
     from edgesmith.bench.report import plot
 
-    ctx_paths = {s: str(root / s) for s in ORDER if (root / s).exists()}
-    for s in ("merge", "distill", "prune"):
-        if s in ctx_paths and (root / s / "config.json").is_file():
-            ctx_paths["_model"] = ctx_paths[s]
-            break
-    rows = report_rows(root, ctx_paths)
+    rows = bench_rows(root)
     md = [f"# {recipe.name}: edgesmith pipeline report", ""]
     if recipe.description:
         md += [recipe.description.strip(), ""]
@@ -778,11 +785,6 @@ def write_text_(path: Path, text: str) -> None:
 def summary(root: Path) -> str:
     """What the user sees at the end: where the Ollama-ready files are, and the table."""
     lines = []
-    ctx_paths = {s: str(root / s) for s in ORDER if (root / s).exists()}
-    for s in ("merge", "distill", "prune"):
-        if s in ctx_paths and (root / s / "config.json").is_file():
-            ctx_paths["_model"] = ctx_paths[s]
-            break
     export = root / "export"
     if (export / "export.json").is_file():
         mfs = sorted(export.glob("Modelfile.*"))
@@ -791,7 +793,7 @@ def summary(root: Path) -> str:
             name = json.loads((export / "export.json").read_text())["name"]
             pick = next((m for m in mfs if m.name == "Modelfile.Q4_K_M"), mfs[0])
             lines.append(f"  ollama create {name} -f {pick}")
-    rows = report_rows(root, ctx_paths) if (root / "bench").is_dir() else []
+    rows = bench_rows(root) if (root / "bench").is_dir() else []
     if rows:
         lines += ["", terminal(format_table(rows))]
         top = headline(rows)

@@ -28,7 +28,16 @@ def test_recipes_exist():
 def test_every_shipped_recipe_parses(path):
     """Pipeline recipes validate every stage's settings; single-stage files validate as their stage's config."""
     raw = yaml.safe_load(path.read_text())
-    if "stages" in raw:
+    if "fractions" in raw:  # a sweep file: its own keys, and the recipe it runs plans with its overrides at every point
+        from edgesmith.config import from_dict
+        from edgesmith.sweep import SIZE_KEYS, SweepConfig
+
+        cfg = from_dict(SweepConfig, raw)
+        recipe = P.load_recipe(REPO / cfg.recipe, overrides=cfg.set + [f"stages.prune.{k}=null" for k in SIZE_KEYS]
+                               + ["stages.prune.target_params=90M"])
+        P.plan(recipe, cfg.recipe)
+        assert cfg.quant in recipe.stages["export"]["gguf"]
+    elif "stages" in raw:
         recipe = P.load_recipe(path)
         ctx, cfgs = P.plan(recipe, str(path))
         assert list(cfgs) == [s for s in P.ORDER if s in recipe.stages]
@@ -214,3 +223,51 @@ def test_makefile_has_every_documented_target():
         assert r.returncode == 0, f"make {target}: {r.stderr.strip()}"
     dry = subprocess.run(["make", "-n", "test"], cwd=REPO, capture_output=True, text=True).stdout
     assert "pytest" in dry
+
+
+def test_sweep_pareto_and_config_errors(tmp_path):
+    from edgesmith.config import from_dict
+    from edgesmith.errors import ConfigError
+    from edgesmith.sweep import SweepConfig, mean_acc, pareto
+
+    # (speed, ppl): the second point is slower and worse than the first: not on the front
+    assert pareto([(100, 30), (90, 40), (120, 50), (80, 20)]) == [0, 2, 3]
+    acc, se = mean_acc({"a": {"acc": 0.5, "acc_stderr": 0.03}, "b": {"acc": 0.7, "acc_stderr": 0.04}})
+    assert acc == pytest.approx(0.6) and se == pytest.approx(0.025)
+    with pytest.raises(ConfigError, match=r"fractions\[1\]"):
+        from_dict(SweepConfig, {"fractions": [0.5, 1.5]})
+    bad = tmp_path / "s.yaml"
+    bad.write_text("recipe: recipes/smollm2-edge-cpu.yaml\nfractions: [0.5]\nset: [nonsense]\n")
+    r = subprocess.run([sys.executable, "-m", "edgesmith", "sweep", str(bad)], capture_output=True, text=True)
+    assert r.returncode == 2 and "set[0]" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_tiny_sweep_measures_each_point_and_marks_the_front(tmp_path, tiny_factory, shared_data):
+    """Two students of a tiny model through prune's search, export, bench: sweep.json/md/png with speed, size,
+    perplexity and accuracy per point, the teacher measured once."""
+    from edgesmith.sweep import SweepConfig, run_sweep
+
+    model = tiny_factory("tiny", hidden=64, intermediate=128, layers=4, heads=4, kv_heads=2)
+    data = tmp_path / "data.jsonl"
+    rows = json.loads((shared_data / "instruct" / "alpaca_en_demo.json").read_text())[:24]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = _tiny_recipe(tmp_path, model, data)
+    rec = yaml.safe_load(recipe.read_text())
+    rec["stages"]["export"] = {"gguf": ["Q4_K_M"], "modelfile": False, "jobs": 1}
+    rec["stages"]["bench"] = {"tasks": ["arc_easy"], "limit": 8, "max_chunks": 1, "corpus_chunks": 1, "ctx": 32,
+                              "latency": True, "repeat": 1, "teacher_quants": ["Q4_K_M"], "teacher_source_gguf": False}
+    recipe.write_text(yaml.safe_dump(rec))
+    root = run_sweep(SweepConfig(recipe=str(recipe), out=str(tmp_path / "sweep"), fractions=[0.8, 0.5]), say=lambda m: None)
+    doc = json.loads((root / "sweep.json").read_text())
+    assert doc["teacher"]["decode_tok_s"] > 0 and doc["teacher"]["wikitext_ppl"] > 0
+    a, b = doc["points"]
+    assert a["params_non_embedding"] > b["params_non_embedding"]
+    for p in doc["points"]:
+        assert p["decode_tok_s"] > 0 and p["file_mb"] > 0 and p["wikitext_ppl"] > 0 and p["tasks"]["arc_easy"]["n"] == 8
+        assert p["mean_acc_stderr"] > 0 and isinstance(p["pareto"], bool) and p["fraction_measured"] <= p["fraction"] + 0.01
+    assert any(p["pareto"] for p in doc["points"])
+    assert (root / "sweep.png").stat().st_size > 10_000 and "| **teacher** |" in (root / "sweep.md").read_text()
+    # the teacher was benchmarked in the first point only
+    assert not any("teacher" in r["artifact"] or r["artifact"] == str(model)
+                   for r in json.loads((root / "p50" / "bench" / "wikitext.json").read_text())["results"])
