@@ -44,12 +44,21 @@ ROWS = {
              "distill": {"train": {"precision": "bf16"}}},
     "schedule": {"base": "bf16", "about": "bf16 + lr 5e-4 with cosine decay over the time budget to 10%",
                  "distill": {"train": {"lr": 5e-4, "min_lr_ratio": 0.1, "schedule": "time"}}},
+    "ls-pruned": {"shape": "demo-ls", "about": "the demo shape with prune --reconstruct ls (down_proj refit on calibration "
+                                             "activations, ridge 0.01), pruned only"},
+    "ls": {"base": "schedule", "shape": "demo-ls", "about": "schedule's recovery from the ls-reconstructed student"},
+    "block-phase": {"base": "schedule", "about": "schedule, the first 20% of the budget on block-wise training (every block on "
+                                                "the teacher's input learns the teacher's stream before the next kept layer)",
+                    "distill": {"block_phase": 0.2}},
+    "block-mix": {"base": "schedule", "about": "schedule + the block-wise loss mixed into KD (weight 1, student-side inputs)",
+                  "distill": {"block_weight": 1.0}},
     "depth-pruned": {"shape": "depth", "about": "another shape at the same size: 30 -> 19 layers (block influence), "
                                                 "MLP kept at 1536 (63% of non-embedding parameters), pruned only"},
     "depth": {"base": "schedule", "shape": "depth", "about": "schedule's recovery on the 19-layer shape"},
 }
 # the student shapes the rows start from (demo: MLP 1536 -> 1024 and 30 -> 26 layers)
-SHAPES = {"demo": {"intermediate_size": 1024, "num_layers": 26}, "depth": {"intermediate_size": 1536, "num_layers": 19}}
+SHAPES = {"demo": {"intermediate_size": 1024, "num_layers": 26}, "depth": {"intermediate_size": 1536, "num_layers": 19},
+          "demo-ls": {"intermediate_size": 1024, "num_layers": 26, "reconstruct": "ls"}}
 
 
 def merged(row: str) -> dict:

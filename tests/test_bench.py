@@ -227,39 +227,6 @@ def test_default_model_hf_gguf_f16_onnx_agree(default_hf, shared_data, tmp_path)
     assert res["hf"]["tasks"]["arc_easy"]["acc"] > 0.3  # better than chance (25%) on 20 items
 
 
-LM_EVAL_TASKS = {
-    # lm-evaluation-harness task files for the same local data and prompts as bench/tasks/{arc_easy,piqa}.py
-    "es_arc_easy": """task: es_arc_easy
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}/mc/arc_easy.jsonl
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{query}}}}\\nAnswer:"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{gold}}}}"
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-""",
-    "es_piqa": """task: es_piqa
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {piqa}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "Question: {{{{goal}}}}\\nAnswer:"
-doc_to_choice: "{{{{[sol1, sol2]}}}}"
-doc_to_target: label
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-""",
-}
-
-
 @pytest.mark.slow
 def test_multiple_choice_equals_lm_evaluation_harness(default_hf, shared_data, tmp_path, monkeypatch):
     """The first 200 items of ARC-Easy and PIQA on the default model through lm-eval's own HF model and a local-file
@@ -271,21 +238,16 @@ def test_multiple_choice_equals_lm_evaluation_harness(default_hf, shared_data, t
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from lm_eval_tasks import LM_EVAL_TASKS, OURS, write_tasks
+
     n = 200
-    piqa = tmp_path / "piqa.jsonl"  # lm-eval wants the label inside the row
-    rows = (shared_data / "mc" / "piqa" / "valid.jsonl").read_text().splitlines()[:n]
-    labels = (shared_data / "mc" / "piqa" / "valid-labels.lst").read_text().split()[:n]
-    piqa.write_text("".join(json.dumps({**json.loads(r), "label": int(y)}) + "\n" for r, y in zip(rows, labels)))
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    for name, text in LM_EVAL_TASKS.items():
-        (tasks / f"{name}.yaml").write_text(text.format(data=shared_data, piqa=piqa))
+    tasks = write_tasks(shared_data, tmp_path, n)
     ref = lm_eval.simple_evaluate(model=LMEvalHF(pretrained=str(default_hf), batch_size=8, device="cpu", dtype="float32"),
                                   tasks=list(LM_EVAL_TASKS), num_fewshot=0, limit=n, log_samples=True,
                                   task_manager=TaskManager(include_path=str(tasks)))
     s = H.resolve_settings(H.BenchSettings(ppl=False, tasks=["arc_easy", "piqa"], data_dir=str(shared_data), limit=n, threads=2))
     ours = run_isolated(H.run_artifact, str(default_hf), asdict(s), what="hf")["tasks"]
-    for mine, theirs in (("arc_easy", "es_arc_easy"), ("piqa", "es_piqa")):
+    for mine, theirs in OURS.items():
         samples = sorted(ref["samples"][theirs], key=lambda x: x["doc_id"])
         assert len(samples) == len(ours[mine]["logliks"]) == n
         worst = 0.0
