@@ -677,7 +677,8 @@ def run(cfg: PruneConfig, quiet: bool = False) -> Path:
     """Prune `cfg.model` into `cfg.out`; returns the output directory."""
     import torch
 
-    from edgesmith.modelio import facts, load_model, load_tokenizer, model_license, model_name, resolve, width_warnings
+    from edgesmith.facts import facts, width_warnings
+    from edgesmith.modelio import load_model, load_tokenizer, model_license, model_name, resolve
 
     t0 = time.perf_counter()
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
@@ -807,7 +808,7 @@ def run(cfg: PruneConfig, quiet: bool = False) -> Path:
 
     # -- save: a plain HF checkpoint, atomically
     t = time.perf_counter()
-    from edgesmith.modelio import read_hf_config
+    from edgesmith.hfdir import read_hf_config
 
     src_cfg = read_hf_config(src_dir)
     save_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(src_cfg.get("dtype") or src_cfg.get("torch_dtype"))

@@ -524,6 +524,7 @@ def run(cfg: DistillConfig) -> Path:
 
     from edgesmith import modelio
     from edgesmith.fsutil import ensure_writable_dir, write_json
+    from edgesmith.hfdir import read_hf_config
     from edgesmith.trainloop import encode_records, pack, result_dict, train
 
     if not cfg.student:
@@ -580,7 +581,7 @@ def run(cfg: DistillConfig) -> Path:
         cache = TopkCache(build_topk_cache(teacher, train_ex, cfg.cache_teacher_topk, key, pad_id))
 
     n_s = student.config.num_hidden_layers
-    n_t = modelio.read_hf_config(t_path).get("num_hidden_layers", n_s)
+    n_t = read_hf_config(t_path).get("num_hidden_layers", n_s)
     pairs = parse_pairs(cfg.layer_pairs, n_s, n_t) if cfg.layer_pairs else default_layer_pairs(n_s, n_t)
     extra, proj = {}, None
     if cfg.hidden_weight > 0:

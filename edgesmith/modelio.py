@@ -158,10 +158,3 @@ def load_model(spec: str | os.PathLike, dtype: str = "float32", device: str = "c
 def load(spec: str | os.PathLike, dtype: str = "float32", device: str = "cpu"):
     """(model, tokenizer) for an HF directory, a .gguf file or `default`."""
     return load_model(spec, dtype=dtype, device=device), load_tokenizer(spec)
-
-
-# Still imported from here by modules other sessions own (compress/prune.py, distill/distill.py,
-# edgesmith/pipeline.py, studies/distill_ablation.py, tests/test_distill.py, tests/test_finetune.py):
-# new code imports them from edgesmith.facts / edgesmith.hfdir.
-from .facts import facts, width_warnings  # noqa: E402,F401
-from .hfdir import read_hf_config  # noqa: E402,F401

@@ -326,7 +326,8 @@ def _bench_run(ctx: Ctx, cfg: BenchStage, work: Path) -> Path:
     ref = str(modelio.resolve(ctx.teacher))
     if cfg.teacher and cfg.teacher_quants:
         # the teacher at the student's quantisation, so "x times faster" compares like with like
-        from edgesmith.export.gguf import convert, quantize
+        from edgesmith.export.gguf_convert import convert
+        from edgesmith.export.quantize import quantize
 
         f16 = work / "teacher" / f"{modelio.model_name(ref)}-F16.gguf"
         f16.parent.mkdir(parents=True, exist_ok=True)
@@ -597,10 +598,10 @@ def _role(path: str, ctx_paths: dict) -> tuple[str, str]:
 
 
 def _params(path: str) -> tuple[int | None, int | None]:
-    from . import modelio
+    from .facts import facts
 
     try:
-        f = modelio.facts(path)
+        f = facts(path)
         return f.params_total, f.params_non_embedding
     except Exception:  # noqa: BLE001 - ONNX dirs etc.: filled from the model they were exported from
         return None, None

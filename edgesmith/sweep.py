@@ -103,6 +103,7 @@ def collect(root: Path, quant: str) -> dict:
 
 def run_sweep(cfg: SweepConfig, sweep_file: str = "", say=print) -> Path:
     from . import modelio
+    from .facts import facts
     from .fsutil import ensure_writable_dir, write_json, write_text
     from .pipeline import load_recipe, run_pipeline
 
@@ -112,7 +113,7 @@ def run_sweep(cfg: SweepConfig, sweep_file: str = "", say=print) -> Path:
         if need not in base.stages:
             raise EdgesmithError(f"{sweep_file or 'sweep'}: recipe {cfg.recipe} has no {need} stage (a sweep prunes, "
                                  f"exports {cfg.quant} and benchmarks each point)")
-    teacher = modelio.facts(modelio.resolve(base.model))
+    teacher = facts(modelio.resolve(base.model))
     emb = teacher.params_total - teacher.params_non_embedding
     points = []
     t0 = time.time()

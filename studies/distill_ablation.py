@@ -121,7 +121,8 @@ def main() -> int:
     from edgesmith.distill.distill import DistillConfig
     from edgesmith.distill.distill import run as distill
     from edgesmith.fsutil import write_json, write_text
-    from edgesmith.modelio import facts, resolve
+    from edgesmith.facts import facts
+    from edgesmith.modelio import resolve
     from edgesmith.trainloop import parse_duration
 
     work = Path(args.work)

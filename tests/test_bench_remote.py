@@ -63,7 +63,7 @@ def deps(tmp_path_factory):
 def artifacts(tmp_path_factory, tokenizer_dir):
     """A tiny random Llama as an F32 GGUF and as an fp32 ONNX export (a few seconds each)."""
     from conftest import make_tiny_llama
-    from edgesmith.export.gguf import convert
+    from edgesmith.export.gguf_convert import convert
     from edgesmith.export.onnx import export_onnx
 
     d = tmp_path_factory.mktemp("remote-art")

@@ -133,7 +133,8 @@ def _data(tmp_path, n=16):
 
 def test_distill_end_to_end_hidden_projection_and_topk_cache(tiny_factory, tmp_path, monkeypatch):
     from edgesmith.distill.distill import DistillConfig, run
-    from edgesmith.modelio import check_hf_dir, load_model
+    from edgesmith.hfdir import check_hf_dir
+    from edgesmith.modelio import load_model
     from edgesmith.trainloop import TrainConfig
 
     monkeypatch.setenv("EDGESMITH_CACHE", str(tmp_path / "cache"))

@@ -118,7 +118,7 @@ def test_merge_reproduces_the_adapted_model(tiny_llama, tmp_path, method):
 
     from edgesmith.finetune.lora import FinetuneConfig, peft_config
     from edgesmith.finetune.merge import merge_adapter
-    from edgesmith.modelio import check_hf_dir
+    from edgesmith.hfdir import check_hf_dir
 
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_llama)), peft_config(FinetuneConfig(method=method)))
