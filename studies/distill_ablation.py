@@ -139,6 +139,7 @@ def main() -> int:
     budget = parse_duration(args.train_budget)
     prev = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
     results = {r["row"]: r for r in prev.get("rows", [])}
+    prev_teacher_tasks = (prev.get("teacher") or {}).get("tasks") or {}  # a run without --tasks keeps them
     t_score = score(teacher, work / "score-teacher.json", args, None)
     for row in [r for r in args.rows.split(",") if r]:
         if row not in ROWS:
@@ -196,7 +197,7 @@ def main() -> int:
                                   for k, v in (r.get("tasks") or {}).items()},
                         **info, "load_average_start": round(load0, 2), "wall_seconds": round(time.time() - t0, 1)}
         print(json.dumps({k: results[row][k] for k in ("row", "wikitext_ppl", "ppl_ratio_to_teacher", "kl_vs_teacher", "top1_vs_teacher")}))
-        write_json(args.out, document(results, t_score, args, budget, facts(teacher), facts(pruned), torch))
+        write_json(args.out, document(results, t_score, args, budget, facts(teacher), facts(pruned), torch, prev_teacher_tasks))
     write_text(Path(args.out).with_suffix(".md"), table(json.loads(Path(args.out).read_text())))
     return 0
 
@@ -212,9 +213,10 @@ def kept_above_chance(student: dict, teacher: dict) -> float | None:
     return round(sum(fr) / len(fr), 3) if fr else None
 
 
-def document(results: dict, t_score: dict, args, budget: float, ft, fp, torch) -> dict:
-    t_tasks = {k: {kk: v[kk] for kk in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n") if kk in v}
-               for k, v in (t_score.get("tasks") or {}).items()}
+def document(results: dict, t_score: dict, args, budget: float, ft, fp, torch, prev_teacher_tasks: dict | None = None) -> dict:
+    t_tasks = {**(prev_teacher_tasks or {}),
+               **{k: {kk: v[kk] for kk in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n") if kk in v}
+                  for k, v in (t_score.get("tasks") or {}).items()}}
     for r in results.values():
         r["kept_above_chance"] = kept_above_chance(r["tasks"], t_tasks) if r["tasks"] else None
     return {
