@@ -90,7 +90,8 @@ class PruneConfig:
     """Shapes the --target-params search evaluates by calibration loss."""
     reconstruct: str = "none"
     """After the cut: none, or ls (refit each kept down_proj in closed form so the layer's output on calibration text
-    stays closest to the unpruned one; compress/reconstruct.py). Kept off by default: see studies/results/distill-ablation.md."""
+    stays closest to the unpruned one; compress/reconstruct.py). Off by default: on the demo's student it helps right after
+    pruning (WikiText ppl 281 -> 238) but hurts after the same distillation (93.3 vs 78.8): studies/results/distill-ablation.md."""
     reconstruct_ridge: float = 0.01
     """Ridge strength of --reconstruct ls, relative to the mean activation energy of the kept channels."""
     rescale_norms: bool = True

@@ -186,10 +186,11 @@ class DistillConfig:
     """Hidden-state pairs STUDENT:TEACHER (hidden_states indices, 0 = embeddings), e.g. 15:30 (default: middle and last)."""
     block_weight: float = 0.0
     """Block-wise loss mixed into the end-to-end loss, student-side inputs (0 disables): each student block's output vs
-    the teacher's residual stream before the next kept teacher layer, normalised MSE."""
+    the teacher's residual stream before the next kept teacher layer, normalised MSE. At the demo's 6-minute budget weight 1
+    reached WikiText ppl 81.8 vs 78.8 for plain KD (the teacher's forward costs steps): studies/results/distill-ablation.md."""
     block_phase: float = 0.0
     """Fraction of the training budget (time, or steps without one) spent first on the block-wise loss alone, every
-    block fed the teacher's input, before end-to-end KD (0 disables)."""
+    block fed the teacher's input, before end-to-end KD (0 disables). 0.2 of the demo's 6 minutes: 87.5 vs 78.8 without."""
     chunk_size: int = 128
     """Token positions per logits chunk (bounds the [chunk, vocab] memory)."""
     cache_teacher_topk: int = 0
