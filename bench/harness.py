@@ -34,6 +34,7 @@ import numpy as np
 
 from edgesmith import llamacpp
 from edgesmith.errors import ConfigError, EdgesmithError
+from edgesmith.fsutil import data_dir
 
 SCHEMA = 1
 
@@ -92,22 +93,13 @@ class BenchSettings:
 # ---------------------------------------------------------------- inputs
 
 
-def default_data_dir() -> Path | None:
-    env = os.environ.get("EDGESMITH_DATA")
-    repo = Path(__file__).resolve().parents[1]
-    for cand in ([Path(env)] if env else []) + [Path.cwd().parent / "shared" / "data", repo.parent / "shared" / "data"]:
-        if cand.is_dir():
-            return cand.resolve()
-    return None
-
-
 def resolve_settings(s: BenchSettings) -> BenchSettings:
     """Fill defaults that depend on the machine/filesystem, validate paths (in the parent)."""
     from edgesmith.bench.tasks import parse_tasks
 
     s.tasks = parse_tasks(s.tasks)
     if s.data_dir is None:
-        d = default_data_dir()
+        d = data_dir()
         s.data_dir = str(d) if d else None
     elif not Path(s.data_dir).is_dir():
         raise EdgesmithError(f"--data-dir {s.data_dir}: no such directory")

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from edgesmith.config import to_dict
 from edgesmith.errors import ConfigError, EdgesmithError
-from edgesmith.fsutil import atomic_dir, check_free_space, write_json
+from edgesmith.fsutil import atomic_dir, check_free_space, data_dir, write_json
 
 from .importance import IMPORTANCE, LAYER_IMPORTANCE, LAYER_NEEDS_DATA, NEEDS_DATA, Dims, Scores
 
@@ -88,6 +88,9 @@ class PruneConfig:
     """Held-out windows for perplexity before/after (0 = skip; only when real data is available)."""
     search_candidates: int = 6
     """Shapes the --target-params search evaluates by calibration loss."""
+    target_speedup: float | None = None
+    """With --target-params: keep only search shapes whose Q4_K_M decodes at least this many times as fast as the
+    teacher's Q4_K_M, measured on this machine (compress/speed.py; ~20 s per shape), then pick by calibration loss."""
     reconstruct: str = "none"
     """After the cut: none, or ls (refit each kept down_proj in closed form so the layer's output on calibration text
     stays closest to the unpruned one; compress/reconstruct.py). Off by default: on the demo's student it helps right after
@@ -126,6 +129,11 @@ class PruneConfig:
             parse_count(self.target_params, "target_params")
         if self.sparsity is not None:
             parse_sparsity(self.sparsity)
+        if self.target_speedup is not None:
+            if self.target_speedup <= 0:
+                raise ConfigError("target_speedup", f"expected a ratio > 0 like 1.4, got {self.target_speedup}")
+            if self.target_params is None:
+                raise ConfigError("target_speedup", "needs target_params: the speed budget chooses among the shapes of that size")
         for name in ("calib_windows", "calib_seq_len", "search_candidates", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"expected a positive integer, got {getattr(self, name)}")
@@ -528,14 +536,6 @@ def apply_sparsity(model, spec: tuple) -> dict:
 # ---------------------------------------------------------------- data
 
 
-def shared_data_dir() -> Path | None:
-    """../shared/data next to the working directory or the repository (EDGESMITH_DATA overrides)."""
-    env = os.environ.get("EDGESMITH_DATA")
-    cands = [Path(env)] if env else []
-    cands += [Path.cwd().parent / "shared" / "data", Path(__file__).resolve().parents[2] / "shared" / "data"]
-    return next((p for p in cands if p.is_dir()), None)
-
-
 TEACHER_PROMPTS = [
     "Explain how photosynthesis works.", "Write a short story about a lighthouse keeper.",
     "What are the main causes of inflation?", "Give three tips for learning a new language.",
@@ -579,7 +579,7 @@ def calibration_texts(cfg: PruneConfig, tok) -> tuple[list[str], str] | None:
             raise EdgesmithError(f"{path}: calibration file not found")
         records, _ = read_records(path, skip_bad=True)
         return [render(r, tok) for r in records], str(path)
-    root = shared_data_dir()
+    root = data_dir()
     if root and (root / "instruct" / "alpaca_en_demo.json").is_file():
         path = root / "instruct" / "alpaca_en_demo.json"
         records, _ = read_records(path, skip_bad=True)
@@ -617,6 +617,33 @@ def perplexity(model, windows, batch_size: int = 4) -> float:
 
 
 # ---------------------------------------------------------------- report
+
+
+def speed_filter(cfg: PruneConfig, model, tok, src_dir: Path, cands: list, search: list[dict], scores, layer_scores,
+                 out: Path, say) -> list[int]:
+    """Time each candidate's Q4_K_M against the teacher's (compress/speed.py); record it in its search row and return
+    the candidates at or above cfg.target_speedup. None reaching it is an error naming the fastest."""
+    import tempfile
+
+    from .speed import candidate_decode, q4km_decode
+
+    with tempfile.TemporaryDirectory(prefix=".speed-", dir=out.parent if str(out.parent) else ".") as tmp:
+        base = q4km_decode(src_dir, Path(tmp) / "teacher")
+        say(f"  speed: teacher Q4_K_M decodes {base['decode_tok_s']:.1f} tok/s")
+        for j, d in enumerate(cands):
+            pr = prune_model(model, plan_keep(scores, layer_scores, Dims.of(model.config), d), d, cfg.rescale_norms)
+            sp = candidate_decode(pr, tok, Path(tmp) / f"c{j}")
+            search[j].update(decode_tok_s=sp["decode_tok_s"], file_mb=sp["file_mb"],
+                             speedup=round(sp["decode_tok_s"] / base["decode_tok_s"], 3))
+            say(f"  speed: {dims_dict(d)} -> {sp['decode_tok_s']:.1f} tok/s ({search[j]['speedup']:.2f}x the teacher)")
+    for row in search:
+        row["teacher_decode_tok_s"] = base["decode_tok_s"]
+    ok = [j for j, row in enumerate(search) if row["speedup"] >= cfg.target_speedup]
+    if not ok:
+        best = max(search, key=lambda r: r["speedup"])
+        raise EdgesmithError(f"--target-speedup {cfg.target_speedup}: no shape of {cfg.target_params} parameters reaches it on this "
+                             f"machine (fastest {best['speedup']:.2f}x: {best['dims']}); lower --target-params or the speedup")
+    return ok
 
 
 def dims_dict(d: Dims) -> dict:
@@ -659,7 +686,12 @@ def render_report(r: dict) -> str:
         lines.append(f"calibration: {c['windows']}x{c['seq_len']} tokens from {c['source']}")
     if r.get("search"):
         best = [s for s in r["search"] if s["chosen"]][0]
-        lines.append(f"search: {len(r['search'])} shapes evaluated, chose calibration loss {best['calib_loss']:.3f}")
+        why = "the lowest calibration loss"
+        if best.get("speedup") is not None:
+            fast = sum(1 for x in r["search"] if x["speedup"] >= r["config"]["target_speedup"])
+            why += (f" among the {fast} reaching {r['config']['target_speedup']}x the teacher's Q4_K_M decode here "
+                    f"({best['speedup']:.2f}x: {best['decode_tok_s']:.1f} vs {best['teacher_decode_tok_s']:.1f} tok/s)")
+        lines.append(f"search: {len(r['search'])} shapes evaluated, chose {best['dims']}: {why} ({best['calib_loss']:.3f})")
     for note in r["adjusted"]:
         lines.append(f"adjusted: {note}")
     if r.get("sparsity"):
@@ -718,7 +750,7 @@ def run(cfg: PruneConfig, quiet: bool = False) -> Path:
         if len(calib) == 0:
             raise EdgesmithError(f"{source}: not enough text for one calibration window of {cfg.calib_seq_len} tokens")
     elif need_data:
-        say(f"no calibration data given and {shared_data_dir() or '../shared/data'} not found: the model writes some")
+        say(f"no calibration data given and {data_dir() or '../shared/data'} not found: the model writes some")
         # ~1 window per answer: prompt + up to 160 sampled tokens, packed
         texts = teacher_texts(model, tok, max(8, cfg.calib_windows), max_new_tokens=160, seed=cfg.seed)
         source = "teacher-generated (the model's own sampled answers)"
@@ -754,7 +786,10 @@ def run(cfg: PruneConfig, quiet: bool = False) -> Path:
             search.append({"dims": dims_dict(d), "params": count_params(d, vocab, tied)[0],
                            "proxy": proxy_damage(d, scores, layer_scores), "calib_loss": loss, "chosen": False})
             say(f"  search: {dims_dict(d)} -> {search[-1]['params'] / 1e6:.1f}M params, calibration loss {loss:.3f}")
-        i = min(range(len(search)), key=lambda j: search[j]["calib_loss"])
+        allowed = list(range(len(search)))
+        if cfg.target_speedup:
+            allowed = speed_filter(cfg, model, tok, src_dir, cands, search, scores, layer_scores, out, say)
+        i = min(allowed, key=lambda j: search[j]["calib_loss"])
         search[i]["chosen"] = True
         tgt = cands[i]
     else:

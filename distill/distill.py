@@ -524,9 +524,9 @@ def run(cfg: DistillConfig) -> Path:
     import torch
 
     from edgesmith import modelio
-    from edgesmith.fsutil import ensure_writable_dir, write_json
+    from edgesmith.fsutil import ensure_writable_dir, save_files_into, write_json
     from edgesmith.hfdir import read_hf_config
-    from edgesmith.trainloop import encode_records, pack, result_dict, train
+    from edgesmith.trainloop import encode_split, result_dict, train
 
     if not cfg.student:
         raise EdgesmithError("distill: no --student given (an HF directory, e.g. the output of edgesmith prune)")
@@ -557,13 +557,8 @@ def run(cfg: DistillConfig) -> Path:
               f"{data_info['mix']['chat']['tokens']} chat), {len(train_ex)} train / {len(val_ex)} validation sequences")
     else:
         train_recs, val_recs, data_info = load_data(cfg)
-        # packing cuts the concatenated stream into blocks, so nothing is truncated per example
-        enc_len = 1 << 30 if cfg.packing else cfg.max_length
-        train_ex, tr_counts = encode_records(train_recs, s_tok, enc_len, cfg.assistant_only)
-        val_ex, va_counts = encode_records(val_recs, s_tok, enc_len, cfg.assistant_only) if val_recs else ([], {})
-        if cfg.packing:
-            train_ex = pack(train_ex, cfg.max_length)
-            val_ex = pack(val_ex, cfg.max_length) if val_ex else []
+        train_ex, tr_counts, val_ex, va_counts = encode_split(train_recs, val_recs, s_tok, cfg.max_length, cfg.packing,
+                                                              cfg.assistant_only)
         print(f"distill: {len(train_ex)} train / {len(val_ex)} validation examples ({tr_counts['tokens']} train tokens, "
               f"{tr_counts['truncated']} truncated to {cfg.max_length})")
 
@@ -628,19 +623,15 @@ def run(cfg: DistillConfig) -> Path:
     if cfg.lora:
         student = student.merge_and_unload()
     student.config._name_or_path = f"{modelio.model_name(s_path)}-distilled"
-    tmp = out / ".model-tmp"
-    if tmp.exists():
-        import shutil
 
-        shutil.rmtree(tmp)
-    student.save_pretrained(str(tmp), safe_serialization=True)
-    s_tok.save_pretrained(str(tmp))
-    (tmp / "edgesmith.json").write_text(json.dumps({"name": f"{modelio.model_name(s_path)}-distilled",
-                                                    "source": str(s_path), "teacher": str(t_path),
-                                                    "license": modelio.model_license(s_path)}, indent=2))
-    for f in tmp.iterdir():  # each file renamed into place; the manifest last marks completion
-        f.replace(out / f.name)
-    tmp.rmdir()
+    def write(tmp: Path) -> None:
+        student.save_pretrained(str(tmp), safe_serialization=True)
+        s_tok.save_pretrained(str(tmp))
+        (tmp / "edgesmith.json").write_text(json.dumps({"name": f"{modelio.model_name(s_path)}-distilled",
+                                                        "source": str(s_path), "teacher": str(t_path),
+                                                        "license": modelio.model_license(s_path)}, indent=2))
+
+    save_files_into(out, write, ".model-tmp")
     write_json(out / "distill.json", {
         "stage": "distill", "teacher": str(t_path), "student": str(s_path), "data": data_info,
         "examples": {"train": len(train_ex), "validation": len(val_ex), "train_counts": tr_counts, "validation_counts": va_counts},

@@ -146,3 +146,28 @@ def cache_dir() -> Path:
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "edgesmith"
     )
     return Path(root)
+
+
+def save_files_into(out: Path, write, tmp_name: str = ".save-tmp") -> None:
+    """write(tmp) fills a scratch folder inside `out`; each file is then renamed into `out` (atomic per file), so an
+    interrupted save never leaves a half-written weight file under its final name (the stage's manifest, written
+    last, marks the whole directory complete)."""
+    tmp = Path(out) / tmp_name
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    for f in tmp.iterdir():
+        f.replace(Path(out) / f.name)
+    tmp.rmdir()
+
+
+def data_dir() -> Path | None:
+    """The evaluation/calibration data folder (mc/, lm/, instruct/): EDGESMITH_DATA when set, else ../shared/data next
+    to the working directory or next to this repository; None when there is none. The one lookup every stage uses."""
+    env = os.environ.get("EDGESMITH_DATA")
+    repo = Path(__file__).resolve().parents[1]
+    for cand in ([Path(env)] if env else []) + [Path.cwd().parent / "shared" / "data", repo.parent / "shared" / "data"]:
+        if cand.is_dir():
+            return cand.resolve()
+    return None

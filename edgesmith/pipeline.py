@@ -244,7 +244,7 @@ class BenchStage:
     """Settings of the bench stage: which artifacts, which measurements."""
 
     tasks: list[str] = field(default_factory=lambda: ["arc_easy", "piqa"])
-    """Multiple-choice tasks (run when their data is present: ../shared/data, EVAL_DATA= or data_dir)."""
+    """Multiple-choice tasks (run when their data is present: data_dir, EDGESMITH_DATA= or ../shared/data)."""
     limit: int | None = 100
     """First N items of each task."""
     max_chunks: int | None = 10
@@ -260,7 +260,7 @@ class BenchStage:
     threads: int = 0
     """Threads (0 = every CPU this process may use)."""
     data_dir: str | None = None
-    """Evaluation data folder (mc/, lm/); default EVAL_DATA, else ../shared/data when present."""
+    """Evaluation data folder (mc/, lm/); default EDGESMITH_DATA, else ../shared/data when present."""
     teacher: bool = True
     """Also measure the starting model (HF, and its source GGUF when it came from one) as the reference row."""
     task_kinds: list[str] | None = None
@@ -317,11 +317,13 @@ def _bench_artifacts(ctx: Ctx, cfg: BenchStage) -> list[str]:
 
 
 def _bench_run(ctx: Ctx, cfg: BenchStage, work: Path) -> Path:
-    from edgesmith.bench.harness import BenchSettings, default_data_dir, run, summary_line
+    from edgesmith.bench.harness import BenchSettings, run, summary_line
+    from edgesmith.fsutil import data_dir as find_data_dir
 
     from . import modelio
 
-    data_dir = cfg.data_dir or os.environ.get("EVAL_DATA") or (str(default_data_dir()) if default_data_dir() else None)
+    found = find_data_dir()
+    data_dir = cfg.data_dir or (str(found) if found else None)
     arts = _bench_artifacts(ctx, cfg)
     ref = str(modelio.resolve(ctx.teacher))
     if cfg.teacher and cfg.teacher_quants:
@@ -353,7 +355,7 @@ def _bench_run(ctx: Ctx, cfg: BenchStage, work: Path) -> Path:
                                              ppl_text=str(heldout), max_chunks=cfg.corpus_chunks,
                                              latency=cfg.latency and not data_dir, repeat=cfg.repeat)))
     if not runs:
-        raise EdgesmithError("bench: nothing to measure: no evaluation data (../shared/data or EVAL_DATA=) and no "
+        raise EdgesmithError("bench: nothing to measure: no evaluation data (../shared/data or EDGESMITH_DATA=) and no "
                              "held-out teacher corpus (a distill stage with data teacher:N)")
     for name, s in runs:
         print(f"bench ({name}): {len(s.artifacts)} artifact specs")

@@ -688,6 +688,19 @@ def encode_records(records: list[dict], tokenizer, max_length: int, assistant_on
     return out, counts
 
 
+def encode_split(train_recs: list[dict], val_recs: list[dict], tokenizer, max_length: int, packing: bool,
+                 assistant_only: bool) -> tuple[list[dict], dict, list[dict], dict]:
+    """Chat records -> (train examples, their counts, validation examples, their counts). With packing the examples
+    are concatenated into max_length blocks, so nothing is truncated per example."""
+    enc_len = 1 << 30 if packing else max_length
+    train_ex, tr_counts = encode_records(train_recs, tokenizer, enc_len, assistant_only)
+    val_ex, va_counts = encode_records(val_recs, tokenizer, enc_len, assistant_only) if val_recs else ([], {})
+    if packing:
+        train_ex = pack(train_ex, max_length)
+        val_ex = pack(val_ex, max_length) if val_ex else []
+    return train_ex, tr_counts, val_ex, va_counts
+
+
 def load_split_records(spec: str | Path, val_fraction: float = 0.05, seed: int = 0, fmt: str = "auto",
                        columns: str | None = None, skip_bad: bool = False) -> tuple[list[dict], list[dict]]:
     """(train_records, validation_records) from a prepared split directory (train.jsonl, validation.jsonl

@@ -135,8 +135,8 @@ def run(cfg: FinetuneConfig) -> Path:
     import torch
 
     from edgesmith import modelio
-    from edgesmith.fsutil import ensure_writable_dir, write_json
-    from edgesmith.trainloop import encode_records, load_split_records, pack, result_dict, train
+    from edgesmith.fsutil import ensure_writable_dir, save_files_into, write_json
+    from edgesmith.trainloop import encode_split, load_split_records, result_dict, train
 
     if not cfg.data:
         raise EdgesmithError("finetune: no --data given (a prepared split directory or a data file)")
@@ -149,17 +149,12 @@ def run(cfg: FinetuneConfig) -> Path:
     train_recs, val_recs = load_split_records(cfg.data, cfg.val_fraction, cfg.train.seed, cfg.format)
     if cfg.max_examples:
         train_recs = train_recs[:cfg.max_examples]
-    # packing cuts the concatenated stream into blocks, so nothing is truncated per example
-    enc_len = 1 << 30 if cfg.packing else cfg.max_length
-    train_ex, train_counts = encode_records(train_recs, tok, enc_len, cfg.assistant_only)
-    val_ex, val_counts = encode_records(val_recs, tok, enc_len, cfg.assistant_only) if val_recs else ([], {})
+    train_ex, train_counts, val_ex, val_counts = encode_split(train_recs, val_recs, tok, cfg.max_length, cfg.packing,
+                                                              cfg.assistant_only)
     if not train_ex:
         raise EdgesmithError(f"{cfg.data}: no training example has any assistant token to learn from "
                              f"({train_counts['no_labels']} lost every answer token to truncation at {cfg.max_length} or had none): "
                              "raise --max-length")
-    if cfg.packing:
-        train_ex = pack(train_ex, cfg.max_length)
-        val_ex = pack(val_ex, cfg.max_length) if val_ex else []
     print(f"finetune: {len(train_ex)} train / {len(val_ex)} validation examples; "
           f"truncated to {cfg.max_length} tokens: {train_counts['truncated']} train, {val_counts.get('truncated', 0)} validation")
 
@@ -177,17 +172,15 @@ def run(cfg: FinetuneConfig) -> Path:
     model.eval()
     if pcfg is not None:
         model.peft_config["default"].base_model_name_or_path = str(base_path)
-        model.save_pretrained(str(out / ".adapter-tmp"), safe_serialization=True)
-        tmp = out / ".adapter-tmp"
-    else:
-        tmp = out / ".adapter-tmp"
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(str(tmp), safe_serialization=True)
-        (tmp / "edgesmith.json").write_text(json.dumps({"name": f"{modelio.model_name(cfg.model)}-ft", "source": str(base_path),
-                                                          "license": modelio.model_license(base_path)}, indent=2))
-    tok.save_pretrained(str(tmp))
-    for f in tmp.iterdir():  # each file renamed into place (atomic per file)
-        f.replace(out / f.name)
-    tmp.rmdir()
+        if pcfg is None:
+            (tmp / "edgesmith.json").write_text(json.dumps({"name": f"{modelio.model_name(cfg.model)}-ft", "source": str(base_path),
+                                                              "license": modelio.model_license(base_path)}, indent=2))
+        tok.save_pretrained(str(tmp))
+
+    save_files_into(out, write, ".adapter-tmp")
     write_json(out / "finetune.json", {
         "stage": "finetune", "base_model": str(base_path), "base_name": modelio.model_name(cfg.model),
         "method": cfg.method, "qlora": cfg.qlora, "mergeable": True,

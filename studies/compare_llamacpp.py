@@ -153,7 +153,8 @@ def loadavg() -> float:
 def main(argv=None) -> int:
     import statistics
 
-    from edgesmith.bench.harness import default_data_dir, machine_info
+    from edgesmith.bench.harness import machine_info
+    from edgesmith.fsutil import data_dir
     from edgesmith.fsutil import write_json
     from edgesmith.native import run_isolated
 
@@ -170,7 +171,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     threads = [int(t) for t in str(a.threads).split(",") if t.strip()]
     gguf = Path(a.gguf) if a.gguf else default_q4km()
-    text = Path(a.text) if a.text else default_data_dir() / "lm" / "wikitext-2-raw" / "wiki.test.raw"
+    text = Path(a.text) if a.text else data_dir() / "lm" / "wikitext-2-raw" / "wiki.test.raw"
     t0 = time.time()
     tools = build_tools()
     print(f"tools ready ({time.time() - t0:.0f} s)", flush=True)

@@ -22,9 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from edgesmith.fsutil import data_dir
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
-DATA = Path(os.environ.get("EDGESMITH_DATA", REPO.parent / "shared" / "data"))
+DATA = data_dir() or REPO.parent / "shared" / "data"
 TARGET_SECONDS = 120
 
 

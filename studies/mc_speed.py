@@ -42,14 +42,14 @@ def main() -> int:
     from lm_eval.tasks import TaskManager
 
     from edgesmith.bench import harness as H
-    from edgesmith.bench.harness import default_data_dir
+    from edgesmith.fsutil import data_dir
     from edgesmith.fsutil import write_json
     from edgesmith.modelio import resolve
 
     sys.path.insert(0, str(REPO / "tests"))
     from lm_eval_tasks import OURS, write_tasks
 
-    data, model = default_data_dir(), resolve("default")
+    data, model = data_dir(), resolve("default")
     if data is None:
         raise SystemExit("../shared/data not found")
     tmp = Path(tempfile.mkdtemp(prefix="mc-speed-"))

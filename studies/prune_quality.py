@@ -71,12 +71,14 @@ def main() -> int:
 
     from edgesmith.compress import importance as imp
     from edgesmith.compress.prune import (
-        PruneConfig, calibration_texts, pack, perplexity, plan_keep, prune_model, shared_data_dir,
+        PruneConfig, calibration_texts, pack, perplexity, plan_keep, prune_model,
     )
     from edgesmith.config import from_dict, load_yaml
     from edgesmith.modelio import load_model, load_tokenizer
 
-    data = shared_data_dir()
+    from edgesmith.fsutil import data_dir
+
+    data = data_dir()
     if data is None:
         print("needs ../shared/data (WikiText-2 and the calibration text)", file=sys.stderr)
         return 2

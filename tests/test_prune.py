@@ -234,7 +234,7 @@ def test_without_data_the_model_writes_its_calibration_text(tiny_factory, tmp_pa
 
     from edgesmith.compress import prune as P
 
-    monkeypatch.setattr(P, "shared_data_dir", lambda: None)
+    monkeypatch.setattr(P, "data_dir", lambda: None)
     src = tiny_factory("src", seed=0)
     for name in ("a", "b"):
         P.run(P.PruneConfig(model=str(src), out=str(tmp_path / name), intermediate_size=64, calib_windows=2, eval_windows=0))
@@ -277,3 +277,46 @@ def test_reconstruct_ls_lowers_every_layers_output_error(tiny_factory, tmp_path)
     assert all(r["error_refit"] < r["error_cut"] for r in rep["layers"]), rep["layers"]
     with pytest.raises(ConfigError, match="reconstruct"):
         PruneConfig(reconstruct="svd")
+
+
+def _calib(tmp_path):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog {i} times." * 4 for i in range(60)))
+    return calib
+
+
+def test_target_speedup_keeps_only_fast_enough_shapes(tiny_factory, tmp_path, monkeypatch):
+    """The speed filter's choice: the lowest calibration loss among shapes at or above the speedup; none: an error
+    naming the fastest. (Speeds faked here; the real timing path runs in the slow test below.)"""
+    import edgesmith.compress.speed as S
+
+    src_dir = tiny_factory("tiny", **dict(GQA, tie=True))
+    total = count_params(Dims.of(load_model(str(src_dir)).config), 49152, True)[0]
+    speeds = iter(range(2, 100))
+    monkeypatch.setattr(S, "q4km_decode", lambda hf, work, threads=0, repeat=2: {"decode_tok_s": 10.0, "file_mb": 1.0})
+    monkeypatch.setattr(S, "candidate_decode", lambda m, tok, work, threads=0: {"decode_tok_s": 10.0 * next(speeds), "file_mb": 1.0})
+    common = dict(model=str(src_dir), target_params=str(total - 60_000), calib=str(_calib(tmp_path)), calib_windows=4,
+                  calib_seq_len=32, eval_windows=0, search_candidates=3, round_to=32)
+    out = run(PruneConfig(**common, out=str(tmp_path / "p"), target_speedup=3.0), quiet=True)
+    r = json.loads((out / "prune_report.json").read_text())
+    fast = [s for s in r["search"] if s["speedup"] >= 3.0]
+    assert [s["speedup"] for s in r["search"]] == [2.0, 3.0, 4.0][:len(r["search"])] and fast
+    chosen = [s for s in r["search"] if s["chosen"]][0]
+    assert chosen in fast and chosen["calib_loss"] == min(s["calib_loss"] for s in fast)
+    speeds = iter(range(2, 100))
+    with pytest.raises(EdgesmithError, match=r"--target-speedup 50.0: no shape .*\(fastest 4.00x"):
+        run(PruneConfig(**common, out=str(tmp_path / "q"), target_speedup=50.0), quiet=True)
+    with pytest.raises(ConfigError, match="target_speedup.*needs target_params"):
+        PruneConfig(target_speedup=1.4)
+
+
+@pytest.mark.slow
+def test_target_speedup_times_real_q4km_exports(tiny_factory, tmp_path):
+    src_dir = tiny_factory("tiny", **dict(GQA, tie=True))
+    total = count_params(Dims.of(load_model(str(src_dir)).config), 49152, True)[0]
+    out = run(PruneConfig(model=str(src_dir), out=str(tmp_path / "p"), target_params=str(total - 60_000), calib=str(_calib(tmp_path)),
+                          calib_windows=4, calib_seq_len=32, eval_windows=0, search_candidates=2, round_to=32,
+                          target_speedup=0.01), quiet=True)
+    r = json.loads((out / "prune_report.json").read_text())
+    assert all(s["decode_tok_s"] > 0 and s["teacher_decode_tok_s"] > 0 and s["file_mb"] > 0 for s in r["search"])
+    assert not list(tmp_path.glob(".speed-*"))  # scratch exports removed
