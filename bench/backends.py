@@ -304,6 +304,17 @@ class HFLM:
         self.past = None
         self.n_past = 0
 
+    @classmethod
+    def wrap(cls, model) -> "HFLM":
+        """Score a model already in memory (e.g. prune's result before it is saved) with the same code as a loaded one:
+        logits/score_pairs only (no tokenizer)."""
+        import torch
+
+        lm = cls.__new__(cls)
+        lm.torch, lm.model, lm.n_vocab = torch, model.eval(), model.config.vocab_size
+        lm.past, lm.n_past = None, 0
+        return lm
+
     def encode(self, text, special=False):
         return self.tok.encode(text, special)
 

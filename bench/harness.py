@@ -216,6 +216,12 @@ def window_logprobs(lm, win: list[int]) -> tuple[np.ndarray, np.ndarray]:
     return log_softmax(lg), np.asarray(win[first + 1:])
 
 
+def windows_nll(lm, wins: list[list[int]]) -> np.ndarray:
+    """Per-token NLL at every scored position of every window (llama-perplexity's method: the second half of each
+    window); perplexity = exp(mean). The one perplexity of the project: the bench, prune's held-out evaluation."""
+    return np.concatenate([nll_of(*window_logprobs(lm, w)) for w in wins])
+
+
 def windows_record(wins: list[list[int]], ctx: int) -> dict:
     """The exact token windows, compactly: where each starts in the text's tokens, and a hash of the ids
     (two runs -- or two backends with the same tokenizer -- scored the same tokens iff the hashes match)."""

@@ -601,8 +601,18 @@ def pack(tok, texts: list[str], seq_len: int, limit: int):
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
-def perplexity(model, windows, batch_size: int = 4) -> float:
-    """exp(mean next-token NLL) over all windows. windows: [N, T] token ids."""
+def held_out_perplexity(model, windows) -> float:
+    """The bench's perplexity (bench/harness.py windows_nll: second half of each window scored, like llama-perplexity)
+    of an in-memory model on held-out windows [N, T], so prune reports the number `edgesmith bench` would."""
+    from edgesmith.bench.backends import HFLM
+    from edgesmith.bench.harness import windows_nll
+
+    return math.exp(float(windows_nll(HFLM.wrap(model), [w.tolist() for w in windows]).mean()))
+
+
+def calibration_loss(model, windows, batch_size: int = 4) -> float:
+    """Mean next-token NLL over every position of the calibration windows [N, T]: how the shape search ranks
+    candidates (a loss on the data they were calibrated on, not a reported perplexity)."""
     import torch
 
     nll, count = 0.0, 0
@@ -613,7 +623,7 @@ def perplexity(model, windows, batch_size: int = 4) -> float:
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
             nll += float(loss)
             count += ids[:, 1:].numel()
-    return math.exp(nll / max(1, count))
+    return nll / max(1, count)
 
 
 # ---------------------------------------------------------------- report
@@ -782,7 +792,7 @@ def run(cfg: PruneConfig, quiet: bool = False) -> Path:
         search_windows = calib[: max(2, min(8, len(calib)))]
         search = []
         for d in cands:
-            loss = math.log(perplexity(prune_model(model, plan_keep(scores, layer_scores, src, d), d, cfg.rescale_norms), search_windows, cfg.batch_size))
+            loss = calibration_loss(prune_model(model, plan_keep(scores, layer_scores, src, d), d, cfg.rescale_norms), search_windows, cfg.batch_size)
             search.append({"dims": dims_dict(d), "params": count_params(d, vocab, tied)[0],
                            "proxy": proxy_damage(d, scores, layer_scores), "calib_loss": loss, "chosen": False})
             say(f"  search: {dims_dict(d)} -> {search[-1]['params'] / 1e6:.1f}M params, calibration loss {loss:.3f}")
@@ -817,8 +827,9 @@ def run(cfg: PruneConfig, quiet: bool = False) -> Path:
     ppl = None
     if held_out is not None and len(held_out):
         say(f"perplexity on {len(held_out)} held-out windows ...")
-        ppl = {"before": perplexity(model, held_out, cfg.batch_size), "after": perplexity(pruned, held_out, cfg.batch_size),
-               "windows": len(held_out), "seq_len": cfg.calib_seq_len, "source": f"{source} (held-out 10% of rows)"}
+        ppl = {"before": held_out_perplexity(model, held_out), "after": held_out_perplexity(pruned, held_out),
+               "windows": len(held_out), "seq_len": cfg.calib_seq_len, "scored": "second half of each window (as edgesmith bench)",
+               "source": f"{source} (held-out 10% of rows)"}
     seconds["eval"] = time.perf_counter() - t
 
     report = {

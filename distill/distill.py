@@ -274,15 +274,6 @@ def _unwrap(model):
     return model
 
 
-def model_fingerprint(path: Path) -> str:
-    from edgesmith.fsutil import quick_fingerprint
-
-    h = hashlib.sha256((path / "config.json").read_bytes())
-    for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
-        h.update(quick_fingerprint(f).encode())
-    return h.hexdigest()[:16]
-
-
 def default_layer_pairs(n_student: int, n_teacher: int) -> list[tuple[int, int]]:
     """Middle and last block outputs (hidden_states indices; the last one is after the final norm)."""
     return [(n_student // 2, n_teacher // 2), (n_student, n_teacher)]
@@ -572,6 +563,8 @@ def run(cfg: DistillConfig) -> Path:
                              f"({teacher.get_output_embeddings().weight.shape[0]} vs {student.get_output_embeddings().weight.shape[0]})")
 
     if cfg.cache_teacher_topk and cache is None:
+        from edgesmith.fsutil import model_fingerprint
+
         key = hashlib.sha256(json.dumps([model_fingerprint(t_path), cfg.cache_teacher_topk,
                                          [e["input_ids"] for e in train_ex], [e["labels"] for e in train_ex]]).encode()).hexdigest()[:20]
         cache = TopkCache(build_topk_cache(teacher, train_ex, cfg.cache_teacher_topk, key, pad_id))

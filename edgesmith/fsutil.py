@@ -133,6 +133,16 @@ def quick_fingerprint(path: str | os.PathLike) -> str:
     return h.hexdigest()[:16]
 
 
+def model_fingerprint(path: str | os.PathLike) -> str:
+    """Identity of an HF model directory: its config.json and the quick fingerprint of every weight file. Keys the
+    caches built from a model (teacher corpora, top-k targets): another checkpoint in the same folder is another key."""
+    path = Path(path)
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+        h.update(quick_fingerprint(f).encode())
+    return h.hexdigest()[:16]
+
+
 def dir_size(path: str | os.PathLike) -> int:
     p = Path(path)
     if p.is_file():
