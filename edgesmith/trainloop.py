@@ -478,8 +478,10 @@ def train(
                     bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f}s [{elapsed}<{remaining}{postfix}]")
                if by_time else tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True))
     if val_examples and step == 0:  # the baseline: "validation loss decreases" needs a starting point
-        first_val = last_val = evaluate()
+        first_val = last_val = best_val = evaluate()
         metrics.append({"step": 0, "val_loss": round(first_val, 6)})
+        if main and cfg.keep_best:  # training that only makes things worse gives back the starting weights
+            torch.save(_trainable_state(raw_model, {k: acc.unwrap_model(m) for k, m in extra_wrapped.items()}), best_path)
     model.train()
     t0 = time.time()  # the time budget counts training, not the baseline evaluation
     stopped = "max_steps"

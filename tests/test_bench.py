@@ -271,7 +271,8 @@ def test_default_gguf_generation_task(shared_data):
                                            gen_max_new_tokens=96, threads=2))
     r = run_isolated(H.run_artifact, str(default_gguf()), asdict(s), what="gguf")
     a = r["tasks"]["alpaca"]
-    assert a["n"] == 2 and a["mean_output_tokens"] > 3 and a["rougeL"] > 0.02 and 0 <= a["success_rate"] <= 1
+    assert a["n"] == 2 and a["mean_output_tokens"] > 3 and a["rougeL"] > 0.02
+    assert a["success_rate"] in (0.0, 0.5, 1.0)  # the fraction of the 2 answers that stopped on their own
 
 
 def test_user_jsonl_generation_rows_and_task_files(tmp_path, shared_data):

@@ -50,9 +50,13 @@ def test_topk_with_full_support_equals_full_loss():
     v, i = F.log_softmax(t, -1).topk(t.shape[-1], dim=-1)
     for kind in LOSSES:
         assert torch.allclose(kd_loss_topk(s, i, v, 1.7, kind), kd_loss_full(s, t, 1.7, kind), atol=1e-5), kind
-    # a small k still gives a finite, non-negative forward KL that vanishes when the student copies the teacher
+    # a small k still gives a finite, non-negative forward KL ...
     v4, i4 = F.log_softmax(t, -1).topk(4, dim=-1)
-    assert bool((kd_loss_topk(s, i4, v4, 1.0, "forward_kl") >= -1e-6).all())
+    kl = kd_loss_topk(s, i4, v4, 1.0, "forward_kl")
+    assert bool(torch.isfinite(kl).all()) and bool((kl >= -1e-6).all()) and float(kl.max()) > 0.01
+    # ... that vanishes when the student puts the teacher's renormalised top-k mass there and nothing elsewhere
+    copy = torch.full_like(t, -1e4).scatter(-1, i4, v4)                   # student logits = teacher's top-4 log-probs
+    assert torch.allclose(kd_loss_topk(copy, i4, v4, 1.0, "forward_kl"), torch.zeros(5), atol=1e-5)
 
 
 def test_config_validation():

@@ -202,7 +202,7 @@ def test_finetune_default_model_lora_then_merge(default_hf, shared_data, tmp_pat
                                            progress=False, precision="bf16"))
     out = run(cfg)
     res = json.loads((out / "finetune.json").read_text())["result"]
-    assert res["best_val_loss"] < res["first_val_loss"] + 1e-3
+    assert res["best_val_loss"] < res["first_val_loss"] - 1e-3  # learned: the baseline is not the best
     merged = merge_adapter(out, tmp_path / "merged")
     model, tok = load(merged)
     ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True,

@@ -143,11 +143,29 @@ def test_resume_after_sigint_matches_uninterrupted(tiny_llama, tmp_path):
 def test_time_budget_early_stopping_and_best_checkpoint(tiny_llama, tmp_path):
     _, res = _run(tiny_llama, tmp_path / "tb", _cfg(max_steps=1000, time_budget="1s", eval_every=0))
     assert res.stopped == "time_budget" and 1 <= res.steps < 1000
-    # lr so high the validation loss gets worse: early stopping fires and the best weights come back
-    _, res = _run(tiny_llama, tmp_path / "es", _cfg(lr=5.0, max_steps=12, eval_every=1, early_stopping=2, keep_best=True,
-                                                   max_grad_norm=0, warmup_steps=0))
+    # lr so high the validation loss only gets worse: early stopping fires, the baseline evaluation is the best one
+    # and keep_best gives back the starting weights
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model, res = _run(tiny_llama, tmp_path / "es", _cfg(lr=5.0, max_steps=12, eval_every=1, early_stopping=2, keep_best=True,
+                                                       max_grad_norm=0, warmup_steps=0))
     assert res.stopped == "early_stopping" and res.steps < 12
-    assert res.best_val_loss <= res.last_val_loss
+    assert res.last_val_loss > res.first_val_loss and res.best_val_loss == res.first_val_loss
+    start = AutoModelForCausalLM.from_pretrained(str(tiny_llama))
+    assert all(torch.equal(a, b) for a, b in zip(start.parameters(), model.parameters()))
+    # a rate that learns: the best is a later evaluation, and its weights (not the last ones) come back
+    model, res = _run(tiny_llama, tmp_path / "ok", _cfg(lr=3e-3, max_steps=6, eval_every=1, keep_best=True))
+    assert res.best_val_loss < res.first_val_loss
+    from edgesmith.trainloop import IGNORE, collate
+
+    with torch.no_grad():
+        b = collate(_examples(4, seed=1), pad_id=2)
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+        y = b["labels"][:, 1:]
+        val = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1])[y.reshape(-1) != IGNORE],
+                                                y.reshape(-1)[y.reshape(-1) != IGNORE]).item()
+    assert val == pytest.approx(res.best_val_loss, rel=1e-4)
 
 
 def test_grad_accumulation_and_checkpointing_match_one_big_batch(tiny_llama, tmp_path):
