@@ -41,9 +41,7 @@ def prompt_order(n: int, n_prompts: int, seed: int) -> list[int]:
 
 
 def corpus_path(teacher_path: Path, n: int, max_new_tokens: int, temperature: float, top_p: float, seed: int) -> Path:
-    from edgesmith.fsutil import cache_dir
-
-    from edgesmith.fsutil import model_fingerprint
+    from edgesmith.fsutil import cache_dir, model_fingerprint
 
     prompts_hash = hashlib.sha256(json.dumps(seed_prompts()).encode()).hexdigest()[:8]
     key = f"{model_fingerprint(teacher_path)}-p{prompts_hash}-t{temperature}-p{top_p}-m{max_new_tokens}-s{seed}"
@@ -266,9 +264,7 @@ def build_teacher_corpus(teacher: str, spec: CorpusSpec, *, bf16: bool | None = 
 
     from edgesmith import modelio
     from edgesmith.config import to_dict
-    from edgesmith.fsutil import atomic_dir, atomic_path, cache_dir, write_json
-
-    from edgesmith.fsutil import model_fingerprint
+    from edgesmith.fsutil import atomic_dir, atomic_path, cache_dir, model_fingerprint, write_json
 
     t_path = modelio.resolve(teacher)
     if bf16 is None:
