@@ -39,9 +39,14 @@ def cmd_bench(args) -> int:
     doc["command"] = " ".join(["edgesmith", *map(str, sys.argv[1:])])  # reproducible: the exact invocation
     if args.json:
         write_json(args.json, doc)
-    for r in doc["results"]:
-        print(r.get("summary", r["artifact"]))
+    if args.remote:  # locally the progress bar has already shown each artifact's line as it finished
+        for r in doc["results"]:
+            if "error" not in r:
+                print(r.get("summary", r["artifact"]))
     print(terminal_table(doc))
+    for r in doc["results"]:  # each failure once, in full (the table only marks the row)
+        if "error" in r:
+            print(r.get("summary") or f"{Path(r['artifact']).name}: FAILED: {r['error']}")
     if args.json:
         print(f"results: {args.json}")
     return 1 if any("error" in r for r in doc["results"]) else 0
@@ -61,7 +66,8 @@ def _progress():
             bar.set_postfix_str(Path(artifact).name)
         else:
             bar.update(1)
-            bar.write(result.get("summary", ""), file=sys.stderr)
+            if "error" not in result:  # failures are printed once, in full, after the table
+                bar.write(result.get("summary", ""), file=sys.stderr)
             if i == n:
                 bar.close()
     return cb

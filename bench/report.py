@@ -60,7 +60,7 @@ def table(rows: list[dict], sep: str = "|") -> list[list[str]]:
     out = [head]
     for r in rows:
         if "error" in r:
-            out.append([Path(r["artifact"]).name, r.get("backend", "?"), "FAILED: " + r["error"][:60]] + [""] * (len(head) - 3))
+            out.append([Path(r["artifact"]).name, r.get("backend", "?"), "FAILED (see below)"] + [""] * (len(head) - 3))
             continue
         t = r.get("tasks") or {}
         a = r.get("agreement") or {}
@@ -82,6 +82,9 @@ def markdown(rows: list[dict]) -> str:
     t = table(rows)
     lines = ["| " + " | ".join(t[0]) + " |", "|" + "|".join("---" for _ in t[0]) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in t[1:]]
+    failed = [r for r in rows if "error" in r]
+    if failed:  # the table marks the row; the message, whole, is here
+        lines += ["", "Failed:", ""] + [f"- `{Path(r['artifact']).name}`: {r['error']}" for r in failed]
     return "\n".join(lines)
 
 

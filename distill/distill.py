@@ -580,6 +580,11 @@ def run(cfg: DistillConfig) -> Path:
         if hs != ht:
             extra["hidden_proj"] = proj
 
+    from edgesmith.trainloop import apply_masks, sparsity_masks
+
+    masks = sparsity_masks(student, s_path)  # prune --sparsity: the zero pattern survives recovery
+    if masks:
+        print(f"distill: keeping the student's sparsity pattern ({sum(int((~m).sum()) for m in masks.values())} zero weights)")
     if cfg.lora:
         from peft import LoraConfig, TaskType, get_peft_model
 
@@ -609,12 +614,14 @@ def run(cfg: DistillConfig) -> Path:
     # validation: the teacher corpus' cache covers its held-out sequences too; build_topk_cache covers training only
     val_loss_fn = make_loss_fn(teacher, cfg, pairs, proj, None) if cache is not None and cfg.data != "teacher" else None
     res = train(student, train_ex, loss_fn, cfg.train, out, pad_id=pad_id, val_examples=val_ex or None,
-                extra_modules=extra, val_loss_fn=val_loss_fn,
+                extra_modules=extra, val_loss_fn=val_loss_fn, masks=None if cfg.lora else masks,
                 run_info={"stage": "distill", "teacher": str(t_path), "student": str(s_path)})
 
     student.eval()
     if cfg.lora:
         student = student.merge_and_unload()
+        if masks:  # the merged adapters filled the zeros: the pattern is the student's, so it comes back
+            apply_masks(student, masks)
     student.config._name_or_path = f"{modelio.model_name(s_path)}-distilled"
 
     def write(tmp: Path) -> None:
@@ -630,6 +637,7 @@ def run(cfg: DistillConfig) -> Path:
         "examples": {"train": len(train_ex), "validation": len(val_ex), "train_counts": tr_counts, "validation_counts": va_counts},
         "layer_pairs": [f"{a}:{b}" for a, b in pairs] if cfg.hidden_weight > 0 else [],
         "blockwise": block_info,
+        "sparsity_kept": bool(masks),
         "teacher_topk_cache": (cfg.corpus.topk if cfg.data == "teacher" else cfg.cache_teacher_topk) or None,
         # how much of the corpus training saw: epochs > 1 means tokens were repeated
         "epochs": round(res.tokens / max(1, tr_counts["tokens"]), 3),

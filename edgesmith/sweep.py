@@ -125,13 +125,16 @@ def run_sweep(cfg: SweepConfig, sweep_file: str = "", say=print) -> Path:
         recipe = load_recipe(cfg.recipe, out=str(point_dir(root, f)), overrides=over)
         say(f"sweep: point {i + 1}/{len(cfg.fractions)}: {f:.0%} of {teacher.params_non_embedding / 1e6:.1f}M non-embedding "
             f"parameters (target_params {target / 1e6:.1f}M) -> {point_dir(root, f)}")
-        t = time.time()
         run_pipeline(recipe, cfg.recipe, say=lambda m: say(f"  {m}"))
         got = collect(point_dir(root, f), cfg.quant)
         if "student" not in got:
             raise EdgesmithError(f"sweep: {point_dir(root, f)}: no student HF/{cfg.quant} results in its bench output")
         shape = json.loads((point_dir(root, f) / "prune" / "prune_report.json").read_text())["after"]["dims"]
-        points.append({"fraction": f, "target_params": target, "dims": shape, "seconds": round(time.time() - t, 1),
+        # the stages' own times (their manifests): a resumed or re-collected sweep still reports what each point cost
+        secs = {st: json.loads((point_dir(root, f) / st / "manifest.json").read_text())["seconds"]
+                for st in ("prune", "distill", "export", "bench", "report") if (point_dir(root, f) / st / "manifest.json").is_file()}
+        points.append({"fraction": f, "target_params": target, "dims": shape, "seconds": round(sum(secs.values()), 1),
+                       "stage_seconds": secs,
                        **got["student"], **({"teacher": got["teacher"]} if "teacher" in got else {})})
     t_row = next((p.pop("teacher") for p in points if "teacher" in p), None)
     front = pareto([(p["decode_tok_s"] or 0.0, p["wikitext_ppl"] or math.inf) for p in points])
@@ -144,14 +147,14 @@ def run_sweep(cfg: SweepConfig, sweep_file: str = "", say=print) -> Path:
         if t_row and t_row.get("decode_tok_s") and p.get("decode_tok_s"):
             p["decode_speedup"] = round(p["decode_tok_s"] / t_row["decode_tok_s"], 3)
     doc = {"schema": 1, "sweep": sweep_file, "recipe": cfg.recipe, "set": cfg.set, "quant": cfg.quant, "teacher": t_row,
-           "points": points, "seconds": round(time.time() - t0, 1),
+           "points": points, "seconds": round(sum(p["seconds"] for p in points), 1),
            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     write_json(root / "sweep.json", doc)
     from .bench.report import sweep_plot
 
     png = sweep_plot(doc, root / "sweep.png")
     write_text(root / "sweep.md", sweep_markdown(doc) + f"\n![trade-off]({png.name})\n")
-    say(f"sweep finished in {doc['seconds']:.0f} s -> {root / 'sweep.md'}")
+    say(f"sweep finished in {time.time() - t0:.0f} s ({doc['seconds']:.0f} s of stage time in all) -> {root / 'sweep.md'}")
     return root
 
 
@@ -183,7 +186,7 @@ def sweep_markdown(doc: dict) -> str:
                                           f(p.get("file_mb"), ".1f"), "yes" if p.get("pareto") else ""]) + " |")
     return (f"# Trade-off sweep: {doc['recipe']}\n\nEvery student: the recipe's recovery with {', '.join(doc['set']) or 'no overrides'}. "
             f"Accuracy: % ± standard error. Pareto: no other student is both faster ({q} decode) and lower in perplexity. "
-            f"Total {doc['seconds'] / 60:.0f} min.\n\n" + "\n".join(lines) + "\n")
+            f"Stage time of all points together: {doc['seconds'] / 60:.0f} min.\n\n" + "\n".join(lines) + "\n")
 
 
 # ---------------------------------------------------------------- CLI

@@ -235,6 +235,29 @@ class TrainResult:
     trainable_params: int = 0
 
 
+def sparsity_masks(model, model_dir) -> dict | None:
+    """The zero pattern `prune --sparsity` (2:4 or unstructured) left in the decoder's linear weights, when the model's
+    prune_report.json records one: parameter name -> bool mask [out, in] of the weights allowed to be non-zero.
+    Recovery re-applies it after every optimizer step, so distillation or full fine-tuning keeps the pattern
+    (2:4 kernels need it exactly; without the mask one step of AdamW fills every zero)."""
+    rep = Path(model_dir) / "prune_report.json"
+    if not rep.is_file() or not (json.loads(rep.read_text()).get("sparsity") or {}).get("pattern"):
+        return None
+    return {n: p.detach() != 0 for n, p in model.named_parameters()
+            if p.dim() == 2 and ".layers." in n and n.endswith("_proj.weight")}
+
+
+def apply_masks(model, masks: dict) -> None:
+    """Zero every weight outside its mask, in place (names as in model.named_parameters())."""
+    import torch
+
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            m = masks.get(n)
+            if m is not None:
+                p.mul_(m.to(p.device))
+
+
 def cpu_has_fast_bf16() -> bool:
     """bf16 matmuls pay off on CPUs that report AVX512-BF16 or AMX-BF16 in /proc/cpuinfo (forward+backward of the
     demo student 1.6-1.8x faster than fp32); on AVX2-only CPUs bf16 autocast is ~4x slower. Read, never assumed."""
@@ -320,12 +343,14 @@ def train(
     extra_modules: dict | None = None,
     val_loss_fn: Callable[[Any, dict], tuple[Any, int]] | None = None,
     run_info: dict | None = None,
+    masks: dict | None = None,
 ) -> TrainResult:
     """Train `model` (and `extra_modules`, e.g. a hidden-state projection) in place.
 
     loss_fn(model, batch) -> (loss_sum scalar tensor, n_tokens int) for one micro-batch (a `collate`d
     dict on the right device). Writes OUT/metrics.jsonl, OUT/loss.png and OUT/checkpoint/ (resumable).
     On return the model holds the best-validation weights when cfg.keep_best and validation ran.
+    masks (sparsity_masks): parameter name -> the weights allowed to be non-zero, re-applied after every step.
     """
     import torch
     from accelerate import Accelerator
@@ -523,6 +548,8 @@ def train(
                     g["lr"] = cfg.lr * mult
             used_lr = opt.param_groups[0]["lr"]  # the rate this step applied (the scheduler moves it on below)
             opt.step()
+            if masks:  # a sparsity pattern from prune survives every update
+                apply_masks(raw_model, masks)
             sched.step()
             opt.zero_grad(set_to_none=True)
             step += 1

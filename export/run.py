@@ -190,6 +190,7 @@ def run(cfg: ExportConfig, say: Callable[[str], None] = print) -> Path:
     from edgesmith.hfdir import check_hf_dir
 
     t0 = time.perf_counter()
+    created = not Path(cfg.out).expanduser().exists()  # a refused model must not leave an empty folder behind
     out = ensure_writable_dir(Path(cfg.out).expanduser()).resolve()
     src = Path(str(cfg.model)).expanduser()
     name = cfg.name or modelio.model_name(cfg.model)
@@ -241,6 +242,8 @@ def run(cfg: ExportConfig, say: Callable[[str], None] = print) -> Path:
     finally:
         if merged_tmp is not None:
             shutil.rmtree(merged_tmp, ignore_errors=True)
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
     for e in entries:  # paths relative to DIR: the directory can be moved or copied to a device
         p = Path(e["path"]).resolve()
         e["path"] = str(p.relative_to(out)) if p.is_relative_to(out) else str(p)

@@ -158,6 +158,10 @@ def run(cfg: FinetuneConfig) -> Path:
     print(f"finetune: {len(train_ex)} train / {len(val_ex)} validation examples; "
           f"truncated to {cfg.max_length} tokens: {train_counts['truncated']} train, {val_counts.get('truncated', 0)} validation")
 
+    from edgesmith.trainloop import sparsity_masks
+
+    # prune --sparsity: full fine-tuning keeps the zero pattern; adapters get it back when merged (edgesmith merge)
+    masks = sparsity_masks(model, base_path) if cfg.method == "full" else None
     pcfg = peft_config(cfg)
     if pcfg is not None:
         from peft import get_peft_model
@@ -165,7 +169,7 @@ def run(cfg: FinetuneConfig) -> Path:
         model = get_peft_model(model, pcfg)
     else:
         model.requires_grad_(True)
-    res = train(model, train_ex, ce_loss, cfg.train, out, pad_id=pad_id, val_examples=val_ex or None,
+    res = train(model, train_ex, ce_loss, cfg.train, out, pad_id=pad_id, val_examples=val_ex or None, masks=masks,
                 run_info={"stage": "finetune", "model": str(base_path), "method": cfg.method})
 
     # save: the adapter on its own (base recorded as the resolved directory), tokenizer next to it

@@ -58,6 +58,9 @@ def merge_adapter(adapter_dir: Path, out_dir: Path, base: str | None = None, dty
         raise EdgesmithError(f"{adapter_dir}: the adapter does not record its base model; pass BASE explicitly")
     base_path = modelio.resolve(base)
     model = modelio.load_model(base_path, dtype=dtype)
+    from edgesmith.trainloop import apply_masks, sparsity_masks
+
+    masks = sparsity_masks(model, base_path)  # taken before the adapter touches the weights
     # tokenizer: the adapter's copy when it has one (it may carry a chat template set at training time)
     tok_src = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_path
     tok = modelio.load_tokenizer(tok_src) if tok_src == base_path else _tokenizer(tok_src)
@@ -67,6 +70,8 @@ def merge_adapter(adapter_dir: Path, out_dir: Path, base: str | None = None, dty
         raise EdgesmithError(f"{adapter_dir}: cannot apply the adapter to {base_path} ({type(e).__name__}: "
                              f"{str(e).splitlines()[0][:200]}); is BASE the model it was trained on?") from None
     merged = peft_model.merge_and_unload()
+    if masks:  # a base pruned with --sparsity: W + BA is dense, the pattern is the base's, so it is re-applied
+        apply_masks(merged, masks)
     merged = merged.to(getattr(torch, dtype))
     from edgesmith.fsutil import check_free_space
 

@@ -386,3 +386,67 @@ def test_blockwise_refuses_a_different_width(tiny_factory, tmp_path):
     with pytest.raises(ConfigError, match="block_weight.*hidden size"):
         run(DistillConfig(teacher=str(t_dir), student=str(s_dir), data=str(_data(tmp_path)), out=str(tmp_path / "o"),
                           block_weight=0.5))
+
+
+def test_sparsity_pattern_survives_distillation_and_lora_merge(tiny_factory, tmp_path, monkeypatch):
+    """prune --sparsity 2:4 -> distill (full) and finetune (LoRA) -> merge: every decoder projection still has at
+    least 2 zeros in each group of 4 inputs, and the kept weights did change."""
+    import torch
+
+    from edgesmith.compress.prune import PruneConfig
+    from edgesmith.compress.prune import run as prune
+    from edgesmith.distill.distill import DistillConfig, run
+    from edgesmith.finetune.lora import FinetuneConfig
+    from edgesmith.finetune.lora import run as finetune
+    from edgesmith.finetune.merge import merge_adapter
+    from edgesmith.modelio import load_model
+    from edgesmith.trainloop import TrainConfig
+
+    monkeypatch.setenv("EDGESMITH_CACHE", str(tmp_path / "cache"))
+    t_dir = tiny_factory("teacher", hidden=64, intermediate=128, layers=2, seed=0)
+    s_dir = prune(PruneConfig(model=str(t_dir), out=str(tmp_path / "sparse"), sparsity="2:4", importance="magnitude",
+                              eval_windows=0, round_to=32), quiet=True)
+    data = _data(tmp_path)
+    tcfg = TrainConfig(lr=1e-2, max_steps=3, warmup_steps=0, batch_size=4, progress=False, precision="fp32")
+
+    def check(model_dir):
+        before, after = load_model(s_dir), load_model(model_dir)
+        changed = False
+        for (n, a), (_, b) in zip(before.named_parameters(), after.named_parameters()):
+            if ".layers." in n and n.endswith("_proj.weight"):
+                assert bool(((b.view(b.shape[0], -1, 4) == 0).sum(-1) >= 2).all()), n  # 2:4 kept
+                assert bool((b[a == 0] == 0).all()), n                                   # the same zeros
+                changed |= not torch.equal(a, b)
+        assert changed
+
+    out = run(DistillConfig(teacher=str(t_dir), student=str(s_dir), data=str(data), max_length=32, val_fraction=0.0,
+                            out=str(tmp_path / "d"), train=tcfg))
+    check(out)
+    assert json.loads((out / "distill.json").read_text())["sparsity_kept"] is True
+    ad = finetune(FinetuneConfig(model=str(s_dir), data=str(data), out=str(tmp_path / "ft"), max_length=128, val_fraction=0.0,
+                                 train=tcfg))
+    check(merge_adapter(ad, tmp_path / "merged"))
+
+
+def test_gqa_attention_for_sampling_changes_nothing_but_speed(tiny_factory):
+    """The sampler's attention without repeat_kv gives the same logits and the same samples as transformers' SDPA on a
+    grouped-query model (left padding, KV cache)."""
+    import torch
+
+    from edgesmith.distill.teacher_data import sample_with_targets, use_gqa_attention
+    from edgesmith.modelio import load_model
+
+    m = load_model(tiny_factory("gqa", hidden=64, heads=4, kv_heads=2, layers=2, seed=3))
+    prompts = [[1, 50, 60, 70], [1, 80], [1, 90, 91]]
+    ids = torch.tensor([[1, 50, 60, 70, 71, 72]])
+    with torch.no_grad():
+        ref_logits = m(input_ids=ids).logits
+    ref = sample_with_targets(m, prompts, 6, k=8, seed=5)
+    assert use_gqa_attention(m) and m.config._attn_implementation == "edgesmith_sdpa_gqa"
+    with torch.no_grad():
+        assert torch.allclose(m(input_ids=ids).logits, ref_logits, atol=1e-5)
+    got = sample_with_targets(m, prompts, 6, k=8, seed=5)
+    for a, b in zip(ref, got):
+        assert a["ids"] == b["ids"]
+        assert abs(a["logp"].astype("float32") - b["logp"].astype("float32")).max() < 1e-2
+    assert not use_gqa_attention(load_model(tiny_factory("mha", hidden=64, heads=4, kv_heads=4, layers=1)))

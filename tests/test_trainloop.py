@@ -253,3 +253,26 @@ def test_time_schedule_decays_over_the_budget():
     assert abs(lr_at(10, cfg, 1.0) - 0.1) < 1e-9 and abs(lr_at(10, cfg, 3.0) - 0.1) < 1e-9
     with pytest.raises(ConfigError, match="schedule"):
         TrainConfig(schedule="time")                                  # needs a budget
+
+
+@pytest.mark.slow
+def test_readme_accelerate_launch_command_runs_as_written(tiny_llama, shared_data, tmp_path):
+    """The README's multi-process command, taken from the README itself, on a tiny model for 2 steps: two processes
+    train together and the adapter is written once."""
+    import json
+    import shlex
+
+    line = next(x for x in (REPO / "README.md").read_text().splitlines() if x.startswith(".venv/bin/accelerate launch"))
+    cmd = shlex.split(line)
+    cmd[0] = str(Path(sys.executable).parent / "accelerate")
+    cmd[cmd.index("--out") + 1] = str(tmp_path / "ddp")
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(json.loads((shared_data / "instruct" / "alpaca_en_demo.json").read_text())[:16]))
+    cmd += ["--set", f"model={tiny_llama}", "--set", f"data={data}", "--set", "train.max_steps=2", "--set", "max_length=64",
+            "--set", "train.batch_size=2", "--set", "train.progress=false", "--set", "train.eval_every=0", "--set", "val_fraction=0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(29600 + os.getpid() % 1000)}
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((tmp_path / "ddp" / "finetune.json").read_text())["result"]
+    assert res["world_size"] == 2 and res["steps"] == 2
+    assert (tmp_path / "ddp" / "adapter_model.safetensors").is_file()

@@ -124,3 +124,45 @@ def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(tiny_hf, tm
     for k in a:
         assert abs(a[k] - b[k]).max() < 1e-5, k
     count("interrupt", 2)
+
+
+def test_pipeline_resumes_an_interrupted_stage_by_itself(tiny_hf, tmp_path, shared_data):
+    """`edgesmith run` stopped by SIGTERM in the middle of its finetune stage, then run again with the same command:
+    the stage continues from its checkpoint (no --resume needed) and ends with the same adapter as an uninterrupted
+    pipeline."""
+    import json
+
+    import yaml
+    from safetensors.numpy import load_file
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+    def recipe(out: Path) -> Path:
+        r = {"name": "resume", "model": str(tiny_hf), "out": str(out), "stages": {"finetune": {
+            "data": str(shared_data / "instruct" / "identity.json"), "method": "lora", "max_length": 64, "val_fraction": 0,
+            "train": {"max_steps": 6, "batch_size": 2, "warmup_steps": 1, "save_every": 1, "progress": False}}}}
+        p = tmp_path / f"{out.name}.yaml"
+        p.write_text(yaml.safe_dump(r))
+        return p
+
+    ref = run_cli_subprocess("run", recipe(tmp_path / "ref"), env=env)
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "cut"
+    proc = _spawn("run", recipe(out), env=env)
+    ckpt = out / ".work" / "finetune" / "checkpoint" / "info.json"
+    t0 = time.time()
+    while not (ckpt.is_file() and json.loads(ckpt.read_text())["step"] >= 2):
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() - t0 < 300
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert not (out / "finetune" / "manifest.json").exists()  # an interrupted stage is not finished
+    again = run_cli_subprocess("run", recipe(out), env=env)
+    assert again.returncode == 0, again.stderr
+    metrics = [json.loads(x) for x in (out / "finetune" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4, 5, 6]  # continued, not restarted
+    a = load_file(tmp_path / "ref" / "finetune" / "adapter_model.safetensors")
+    b = load_file(out / "finetune" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(abs(a[k] - b[k]).max() < 1e-5 for k in a)

@@ -21,7 +21,19 @@ def _all_fail(d, tmp_path, mention=None, commands=None):
     for cmd in commands or _commands(d, tmp_path):
         rc, _, err = cli(*cmd)
         assert_clean_error(rc, err, mention=mention)
+        assert not (tmp_path / "pruned").exists() and not (tmp_path / "export").exists(), cmd  # no empty output left
         count("models")
+
+
+def test_bench_of_a_refused_model_reports_the_failure_once_in_full(hf_copy, tmp_path):
+    (hf_copy / "model.safetensors").unlink()
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    rc, out, err = cli("bench", hf_copy, "--ppl-text", text, "--ctx", "32", "--max-chunks", "1")
+    assert rc == 1
+    lines = [x for x in (out + err).splitlines() if "FAILED:" in x]
+    assert len(lines) == 1 and "no weights found" in lines[0], out + err
+    assert "FAILED (see below)" in out
 
 
 def test_missing_config_json(hf_copy, tmp_path):
