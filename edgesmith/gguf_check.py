@@ -38,13 +38,9 @@ def validate_gguf(path: str | os.PathLike, require_model: bool = True) -> dict:
     Raises a one-line EdgesmithError naming the file; returns {version, architecture, n_tensors, n_kv,
     data_offset, ...}. The checks mirror llama.cpp's own loader so that a file passing them does not make it abort.
     """
-    p = Path(path)
-    try:
-        st = p.stat()
-    except OSError as e:
-        raise EdgesmithError(f"{p}: cannot read ({e.strerror})") from None
-    if not p.is_file():
-        raise EdgesmithError(f"{p}: not a file")
+    from .gguf_read import stat_file
+
+    p, st = stat_file(path)
     return dict(_validate_gguf_cached(str(p.resolve()), st.st_size, st.st_mtime_ns, require_model))
 
 

@@ -75,8 +75,8 @@ class GGUFFile:
                            offset=self.data_offset + t["offset"])
 
 
-def read(path: str | os.PathLike) -> GGUFFile:
-    """Parse and check a GGUF file's header (cached while the file's size and mtime stay the same)."""
+def stat_file(path: str | os.PathLike) -> tuple[Path, os.stat_result]:
+    """(path, its stat) of a regular file, or a one-line error naming it: the key of the per-file parse caches."""
     p = Path(path)
     try:
         st = p.stat()
@@ -84,6 +84,12 @@ def read(path: str | os.PathLike) -> GGUFFile:
         raise EdgesmithError(f"{p}: cannot read ({e.strerror})") from None
     if not p.is_file():
         raise EdgesmithError(f"{p}: not a file")
+    return p, st
+
+
+def read(path: str | os.PathLike) -> GGUFFile:
+    """Parse and check a GGUF file's header (cached while the file's size and mtime stay the same)."""
+    p, st = stat_file(path)
     return _read_cached(str(p), st.st_size, st.st_mtime_ns)
 
 
