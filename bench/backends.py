@@ -282,6 +282,27 @@ class OnnxBenchLM:
 # ---------------------------------------------------------------- HF: transformers fp32
 
 
+def pack_group(ctx: list[int], conts: list[list[int]]):
+    """One context and its continuations as one sequence: ids [n], position ids [n], which positions each may
+    attend to [n, n] (bool: the context, and its own continuation up to itself), and per continuation the rows
+    that predict its tokens with those tokens. Scored this way each continuation gets exactly the logits it would
+    get appended to the context alone."""
+    seq, positions, seg = list(ctx), list(range(len(ctx))), [0] * len(ctx)
+    preds = []
+    for k, cont in enumerate(conts, 1):
+        start = len(seq)
+        seq += cont
+        positions += range(len(ctx), len(ctx) + len(cont))
+        seg += [k] * len(cont)
+        # the context's last token predicts cont[0]; cont[q] predicts cont[q + 1]
+        preds.append(([len(ctx) - 1] + list(range(start, start + len(cont) - 1)), list(cont)))
+    s = np.asarray(seg)
+    n = len(seq)
+    causal = np.tril(np.ones((n, n), dtype=bool))
+    seen = causal & ((s[None, :] == 0) | (s[None, :] == s[:, None]))   # [query, key]
+    return seq, positions, seen, preds
+
+
 class HFLM:
     backend = "hf"
 
@@ -342,40 +363,51 @@ class HFLM:
         return out.logits[0].float().numpy()
 
     def score_pairs(self, pairs: list[tuple[list[int], list[int]]], max_batch_tokens: int = 4096) -> np.ndarray:
-        """sum log p(cont | ctx) for many (ctx ids, cont ids) pairs, batched: sequences sorted by length and
-        right-padded into forwards of <= max_batch_tokens, the output layer applied only to the rows that
-        predict continuation tokens, their log-softmax in float64 (as the one-by-one path). Several short
-        sequences per forward use the CPU's matmul units far better than one 40-token forward each."""
+        """sum log p(cont | ctx) for many (ctx ids, cont ids) pairs, batched. Pairs that share their context (the
+        choices of one ARC/PIQA item) are packed into one sequence, context once and every continuation after it
+        (`pack_group`: each continuation sees the context and itself, at the positions it would have alone), so an
+        item with four choices costs its context once instead of four times. Sequences are sorted by length and
+        right-padded into forwards of <= max_batch_tokens; the output layer runs only on the rows that predict
+        continuation tokens, their log-softmax in float64 (as the one-by-one path)."""
         t = self.torch
         out = np.empty(len(pairs))
-        order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+        groups: dict[tuple, list[int]] = {}               # context ids -> the pairs that continue it
+        for j, (ctx, _) in enumerate(pairs):
+            groups.setdefault(tuple(ctx), []).append(j)
+        packed = [pack_group(list(ctx), [list(pairs[j][1]) for j in js]) + (js,) for ctx, js in groups.items()]
+        packed.sort(key=lambda g: -len(g[0]))
         head = self.model.get_output_embeddings()
+        neg = t.finfo(self.model.dtype).min
         i = 0
-        while i < len(order):
-            L = len(pairs[order[i]][0]) + len(pairs[order[i]][1])            # the longest in this batch
-            batch = order[i:i + max(1, max_batch_tokens // L)]
+        while i < len(packed):
+            L = len(packed[i][0])                                           # the longest in this batch
+            batch = packed[i:i + max(1, max_batch_tokens // L)]
             i += len(batch)
             ids = t.zeros((len(batch), L), dtype=t.long)
-            mask = t.zeros((len(batch), L), dtype=t.long)
+            pos = t.zeros((len(batch), L), dtype=t.long)
+            allow = t.eye(L, dtype=t.bool).repeat(len(batch), 1, 1)          # padding rows see themselves (no NaN)
             rows, targets, owner = [], [], []
-            for b, j in enumerate(batch):
-                ctx, cont = pairs[j]
-                seq = list(ctx) + list(cont)
-                ids[b, :len(seq)] = t.tensor(seq)
-                mask[b, :len(seq)] = 1
-                rows += [(b, q) for q in range(len(ctx) - 1, len(seq) - 1)]  # row q predicts seq[q + 1]
-                targets += list(cont)
-                owner += [j] * len(cont)
+            for b, (seq, positions, seen, preds, js) in enumerate(batch):
+                n = len(seq)
+                ids[b, :n], pos[b, :n] = t.tensor(seq), t.tensor(positions)
+                allow[b, :n, :n] = t.from_numpy(seen)
+                for j, (qs, cont) in zip(js, preds):
+                    rows += [(b, q) for q in qs]
+                    targets += cont
+                    owner += [j] * len(cont)
+            mask = t.zeros(allow.shape, dtype=self.model.dtype).masked_fill_(~allow, neg)[:, None]  # [B, 1, L, L]
             with t.inference_mode():
-                h = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+                h = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True,
+                               logits_to_keep=1).hidden_states[-1]
                 bi, qi = t.tensor([r[0] for r in rows]), t.tensor([r[1] for r in rows])
                 lp = t.log_softmax(head(h[bi, qi]).double(), dim=-1)         # [R, V] float64, continuation rows only
                 tok_lp = lp.gather(-1, t.tensor(targets)[:, None])[:, 0].numpy()
             sums: dict[int, float] = {}
             for j, v in zip(owner, tok_lp):
                 sums[j] = sums.get(j, 0.0) + float(v)
-            for j in batch:
-                out[j] = sums[j]
+            for *_, js in batch:
+                for j in js:
+                    out[j] = sums[j]
         return out
 
     def prefill(self, ids) -> int:

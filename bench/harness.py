@@ -24,7 +24,6 @@ import json
 import math
 import os
 import platform
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -47,6 +46,11 @@ class BenchSettings:
     """Measure perplexity on `ppl_text`."""
     ppl_text: str | None = None
     """Text file for perplexity and agreement (default: WikiText-2 raw test in data_dir), read as-is like llama-perplexity -f."""
+    extra_texts: dict[str, str] = field(default_factory=dict)
+    """More perplexity texts scored in the same model load, name -> file (results under `perplexity_on[name]`), e.g. the
+    held-out distillation corpus: one load per artifact instead of one per text."""
+    extra_chunks: int | None = 8
+    """Windows scored on each of `extra_texts` (None = the whole text)."""
     ctx: int = 512
     """Perplexity window in tokens (llama-perplexity -c); the second half of each window is scored."""
     max_chunks: int | None = None
@@ -86,6 +90,8 @@ class BenchSettings:
             raise ConfigError("repeat", f"expected >= 1, got {self.repeat}")
         if self.threads < 0:
             raise ConfigError("threads", f"expected >= 0, got {self.threads}")
+        if self.extra_chunks is not None and self.extra_chunks < 1:
+            raise ConfigError("extra_chunks", f"expected >= 1, got {self.extra_chunks}")
         if self.agree_chunks < 1:
             raise ConfigError("agree_chunks", f"expected >= 1, got {self.agree_chunks}")
 
@@ -109,6 +115,9 @@ def resolve_settings(s: BenchSettings) -> BenchSettings:
         s.ppl_text = str(Path(s.data_dir) / "lm" / "wikitext-2-raw" / "wiki.test.raw")
     if s.ppl_text is not None and not Path(s.ppl_text).is_file():
         raise EdgesmithError(f"--ppl-text {s.ppl_text}: no such file")
+    for name, f in s.extra_texts.items():
+        if not Path(f).is_file():
+            raise EdgesmithError(f"extra_texts.{name}: {f}: no such file")
     if any(not t.endswith(".jsonl") for t in s.tasks) and s.data_dir is None:
         raise EdgesmithError("tasks need --data-dir (../shared/data not found)")
     if s.threads == 0:
@@ -220,6 +229,13 @@ def windows_nll(lm, wins: list[list[int]]) -> np.ndarray:
     """Per-token NLL at every scored position of every window (llama-perplexity's method: the second half of each
     window); perplexity = exp(mean). The one perplexity of the project: the bench, prune's held-out evaluation."""
     return np.concatenate([nll_of(*window_logprobs(lm, w)) for w in wins])
+
+
+def ppl_record(nll: np.ndarray, wins: list[list[int]], ctx: int, text: str, text_tokens: int) -> dict:
+    # nll: [scored positions] -> the perplexity entry of a results JSON
+    return {"value": float(np.exp(nll.mean())), "ctx": ctx, "chunks": len(wins), "windows": windows_record(wins, ctx),
+            "text": text, "tokens_scored": int(nll.size), "text_tokens": text_tokens,
+            "nll_stderr": float(nll.std(ddof=1) / math.sqrt(nll.size))}
 
 
 def windows_record(wins: list[list[int]], ctx: int) -> dict:
@@ -503,12 +519,15 @@ def run_artifact(path: str, s: dict, ref_file: str | None = None, ref_only: bool
                 nlls.append(nll_of(lp, targets))
                 if ref_file and len(kept) < s.agree_chunks:  # the agreement pass can reuse these (same windows)
                     kept[tuple(w)] = lp.astype(np.float32)
-            nll = np.concatenate(nlls)
-            res["perplexity"] = {"value": float(np.exp(nll.mean())), "ctx": s.ctx, "chunks": len(wins),
-                                 "windows": windows_record(wins, s.ctx),
-                                 "text": s.ppl_text, "tokens_scored": int(nll.size), "text_tokens": len(text_tokens),
-                                 "nll_stderr": float(nll.std(ddof=1) / math.sqrt(nll.size))}
+            res["perplexity"] = ppl_record(np.concatenate(nlls), wins, s.ctx, s.ppl_text, len(text_tokens))
             took["perplexity"] = time.perf_counter() - t1
+        for name, f in s.extra_texts.items():
+            t1 = time.perf_counter()
+            toks = lm.encode(Path(f).read_text(encoding="utf-8"))
+            wins = ppl_windows(toks, s.ctx, s.extra_chunks, lm.add_bos, lm.bos_id)
+            nll = np.concatenate([nll_of(*window_logprobs(lm, w)) for w in wins])
+            res.setdefault("perplexity_on", {})[name] = ppl_record(nll, wins, s.ctx, f, len(toks))
+            took[f"perplexity:{name}"] = time.perf_counter() - t1
         if s.tasks and (s.task_kinds is None or kind in s.task_kinds):
             res["tasks"] = {}
             for name in s.tasks:
@@ -627,6 +646,8 @@ def summary_line(r: dict) -> str:
         parts.append(f"{r['bpw']:.2f} bpw")
     if r.get("perplexity"):
         parts.append(f"ppl {r['perplexity']['value']:.3f}")
+    for name, v in (r.get("perplexity_on") or {}).items():
+        parts.append(f"ppl[{name}] {v['value']:.3f}")
     for k, v in (r.get("tasks") or {}).items():
         parts.append(f"{k} {100 * v['acc']:.1f}" if "acc" in v else f"{k} rougeL {v['rougeL']:.3f}")
     if r.get("agreement"):

@@ -3,6 +3,7 @@ plots (accuracy vs size, decode tok/s vs size), written atomically to --out."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from edgesmith.errors import EdgesmithError
@@ -78,10 +79,22 @@ def table(rows: list[dict], sep: str = "|") -> list[list[str]]:
     return out
 
 
+def md_table(t: list[list[str]]) -> str:
+    """header + rows of cells -> a markdown table"""
+    return "\n".join(["| " + " | ".join(t[0]) + " |", "|" + "|".join("---" for _ in t[0]) + "|"]
+                     + ["| " + " | ".join(r) + " |" for r in t[1:]])
+
+
+def text_table(t: list[list[str]]) -> str:
+    """header + rows of cells -> aligned columns for a terminal, columns with no value in any row left out"""
+    keep = [i for i in range(len(t[0])) if any(r[i] not in ("-", "") for r in t[1:])] or list(range(len(t[0])))
+    w = [max(len(r[i]) for r in t) for i in range(len(t[0]))]
+    line = lambda r: "  ".join(r[i].ljust(w[i]) for i in keep)  # noqa: E731
+    return "\n".join([line(t[0]), "  ".join("-" * w[i] for i in keep)] + [line(r) for r in t[1:]])
+
+
 def markdown(rows: list[dict]) -> str:
-    t = table(rows)
-    lines = ["| " + " | ".join(t[0]) + " |", "|" + "|".join("---" for _ in t[0]) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in t[1:]]
+    lines = [md_table(table(rows))]
     failed = [r for r in rows if "error" in r]
     if failed:  # the table marks the row; the message, whole, is here
         lines += ["", "Failed:", ""] + [f"- `{Path(r['artifact']).name}`: {r['error']}" for r in failed]
@@ -89,12 +102,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def terminal_table(doc: dict) -> str:
-    rows = doc["results"]
-    t = table(rows)
-    w = [max(len(r[i]) for r in t) for i in range(len(t[0]))]
-    keep = [i for i in range(len(t[0])) if any(r[i] not in ("-", "") for r in t[1:])]
-    fmt = lambda r: "  ".join(r[i].ljust(w[i]) for i in keep)  # noqa: E731
-    return "\n".join([fmt(t[0]), "  ".join("-" * w[i] for i in keep)] + [fmt(r) for r in t[1:]])
+    return text_table(table(doc["results"]))
 
 
 def _label(r: dict) -> str:
@@ -201,6 +209,154 @@ def sweep_plot(doc: dict, path: Path) -> Path:
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return path
+
+
+# ---------------------------------------------------------------- a pipeline's report: teacher vs student, every format
+
+
+def role(path: str, ctx_paths: dict) -> tuple[str, str]:
+    """(model, format) of a bench row: teacher or student, and HF / GGUF <type> / ONNX <quant>."""
+    p = Path(path)
+    if p.suffix == ".gguf":
+        fmt = "GGUF " + p.stem.rsplit("-", 1)[-1] if "-" in p.stem else "GGUF"
+        if "." in p.stem and p.stem.rsplit(".", 1)[-1].upper() == p.stem.rsplit(".", 1)[-1]:
+            fmt = "GGUF " + p.stem.rsplit(".", 1)[-1]  # SmolLM2-135M-Instruct.Q4_1.gguf
+    elif any(p.glob("*.onnx")) if p.is_dir() else False:
+        fmt = "ONNX " + (p.name.split("-", 1)[1] if "-" in p.name else "fp32")
+    else:
+        fmt = "HF fp32"
+    export = ctx_paths.get("export")
+    owner = "student" if export and str(p.resolve()).startswith(str(Path(export).resolve())) else None
+    if owner is None:
+        owner = "student" if ctx_paths.get("_model") and p.resolve() == Path(ctx_paths["_model"]).resolve() else "teacher"
+    return owner, fmt
+
+
+def params_of(path: str) -> tuple[int | None, int | None]:
+    from edgesmith.facts import facts
+
+    try:
+        f = facts(path)
+        return f.params_total, f.params_non_embedding
+    except Exception:  # noqa: BLE001 - ONNX dirs etc.: filled from the model they were exported from
+        return None, None
+
+
+def join_runs(root: Path, ctx_paths: dict) -> list[dict]:
+    """One row per (model, format), joining the WikiText and held-out-corpus bench runs."""
+    docs = {n: json.loads((root / "bench" / f"{n}.json").read_text()) for n in ("wikitext", "corpus")
+            if (root / "bench" / f"{n}.json").is_file()}
+    rows: dict[str, dict] = {}
+    for name, doc in docs.items():
+        for r in doc["results"]:
+            row = rows.setdefault(r["artifact"], {"artifact": r["artifact"], "backend": r.get("backend", "?")})
+            if "error" in r:
+                row["error"] = r["error"]
+                continue
+            if name == "wikitext" and "corpus" in (r.get("perplexity_on") or {}):
+                row["corpus_ppl"] = r["perplexity_on"]["corpus"]["value"]
+            if name == "corpus":
+                row["corpus_ppl"] = (r.get("perplexity") or {}).get("value")
+                for k in ("latency",):
+                    if r.get(k) and not row.get(k):
+                        row[k] = r[k]
+                row.setdefault("file_mb", r.get("file_mb"))
+                row.setdefault("bpw", r.get("bpw"))
+                row.setdefault("agreement", r.get("agreement"))
+            else:
+                row.update({k: v for k, v in r.items() if k != "summary"})
+    params = {}
+    for a, row in rows.items():
+        row["model"], row["format"] = role(a, ctx_paths)
+        if row["format"] == "HF fp32":
+            params[row["model"]] = params_of(a)
+    for row in rows.values():
+        row["params"], row["params_non_embedding"] = params.get(row["model"], (None, None))
+    return list(rows.values())
+
+
+def pipeline_table(rows: list[dict]) -> list[list[str]]:
+    tasks = list(dict.fromkeys(k for r in rows for k, v in (r.get("tasks") or {}).items() if "acc" in v))
+    head = ["model", "format", "params M", "MiB", "bpw", "WikiText ppl", "corpus ppl"] + [f"{t} acc %" for t in tasks]
+    head += ["KL vs teacher", "top-1 %", "prefill tok/s", "decode tok/s", "TTFT ms", "peak MB"]
+    out = [head]
+    for r in rows:
+        if "error" in r:
+            out.append([r["model"], r["format"], "FAILED: " + r["error"][:80]] + [""] * (len(head) - 3))
+            continue
+        lat, a, t = r.get("latency") or {}, r.get("agreement") or {}, r.get("tasks") or {}
+        out.append([r["model"], r["format"], _fmt(r["params"] / 1e6 if r.get("params") else None, ".1f"), _fmt(r.get("file_mb"), ".1f"),
+                    _fmt(r.get("bpw")), _fmt((r.get("perplexity") or {}).get("value")), _fmt(r.get("corpus_ppl"))]
+                   + [acc_text(t.get(k)) for k in tasks]
+                   + [_fmt(a.get("kl"), ".4f"), _fmt(100 * a["top1"] if "top1" in a else None, ".1f"),
+                      _fmt(lat.get("prefill_tok_s"), ".1f"),
+                      f"{lat['decode_tok_s']:.1f} ± {lat.get('decode_tok_s_std', 0):.1f}" if "decode_tok_s" in lat else "-",
+                      _fmt(lat.get("ttft_ms"), ".0f"), _fmt(lat.get("peak_rss_mb"), ".0f")])
+    return out
+
+
+def acc_text(v: dict | None) -> str:
+    """accuracy % with its standard error, e.g. 46.2 ± 2.2"""
+    if not v or "acc" not in v:
+        return "-"
+    se = v.get("acc_stderr")
+    return f"{100 * v['acc']:.1f}" + (f" ± {100 * se:.1f}" if se is not None else "")
+
+
+CHANCE = {"arc_easy": 0.25, "arc_challenge": 0.25, "piqa": 0.5, "winogrande": 0.5, "boolq": 0.5, "copa": 0.5}
+
+
+def kept_fraction(student: dict, teacher: dict, task: str) -> float | None:
+    """(student - chance) / (teacher - chance) for one task's accuracies, or None where the teacher is not more than
+    two standard errors above chance (SmolLM2-135M's WinoGrande, 51.0 ± 2.2, is not: the ratio there is noise)."""
+    if task not in CHANCE or "acc" not in student or "acc" not in teacher:
+        return None
+    margin = teacher["acc"] - CHANCE[task]
+    if margin <= 2 * (teacher.get("acc_stderr") or 0) or margin <= 0:
+        return None
+    return (student["acc"] - CHANCE[task]) / margin
+
+
+def kept_above_chance(student: dict, teacher: dict) -> float | None:
+    """Mean of kept_fraction over the tasks both were scored on (task -> {acc, acc_stderr})."""
+    fr = [f for t in student if t in teacher for f in [kept_fraction(student[t], teacher[t], t)] if f is not None]
+    return sum(fr) / len(fr) if fr else None
+
+
+def headline(rows: list[dict]) -> list[str]:
+    """Teacher vs student in a few sentences: perplexity ratio, accuracy kept above chance (with whether each
+    difference is outside noise: |diff| > 2·sqrt(se_t² + se_s²)), and Q4_K_M decode speed and size ratios."""
+    by = {(r["model"], r["format"]): r for r in rows if "error" not in r}
+    t, s = by.get(("teacher", "HF fp32")), by.get(("student", "HF fp32"))
+    out = []
+    if t and s and t.get("perplexity") and s.get("perplexity"):
+        out.append(f"- WikiText ppl: student {s['perplexity']['value']:.2f} vs teacher {t['perplexity']['value']:.2f} "
+                   f"(**{s['perplexity']['value'] / t['perplexity']['value']:.2f}×**); student non-embedding parameters "
+                   f"{(s.get('params_non_embedding') or 0) / max(1, t.get('params_non_embedding') or 1):.0%} of the teacher's.")
+    if t and s and t.get("tasks") and s.get("tasks"):
+        kept = []
+        for k in t["tasks"]:
+            a, b = t["tasks"].get(k) or {}, s["tasks"].get(k) or {}
+            if "acc" not in a or "acc" not in b:
+                continue
+            se = math.sqrt((a.get("acc_stderr") or 0) ** 2 + (b.get("acc_stderr") or 0) ** 2)
+            d = b["acc"] - a["acc"]
+            noise = "within noise" if abs(d) <= 2 * se else "outside noise"
+            line = f"- {k} (n={b.get('n')}): student {acc_text(b)} vs teacher {acc_text(a)}: {100 * d:+.1f} points, {noise} (2σ = {200 * se:.1f})"
+            f = kept_fraction(b, a, k)
+            if f is not None:
+                kept.append(f)
+                line += f"; {f:.0%} of the teacher's accuracy above chance kept"
+            out.append(line)
+        if kept:
+            out.append(f"- mean accuracy above chance kept: **{sum(kept) / len(kept):.0%}**")
+    tq, sq = by.get(("teacher", "GGUF Q4_K_M")), by.get(("student", "GGUF Q4_K_M"))
+    if tq and sq and (tq.get("latency") or {}).get("decode_tok_s") and (sq.get("latency") or {}).get("decode_tok_s"):
+        tl, sl = tq["latency"], sq["latency"]
+        out.append(f"- GGUF Q4_K_M decode: student {sl['decode_tok_s']:.1f} vs teacher {tl['decode_tok_s']:.1f} tok/s "
+                   f"(**{sl['decode_tok_s'] / tl['decode_tok_s']:.2f}×**), prefill {sl.get('prefill_tok_s', 0) / max(1e-9, tl.get('prefill_tok_s', 1)):.2f}×, "
+                   f"file {sq.get('file_mb', 0):.1f} vs {tq.get('file_mb', 0):.1f} MiB")
+    return out
 
 
 def report(paths: list[str], out_dir: str | Path) -> Path:

@@ -23,7 +23,6 @@ import dataclasses
 import hashlib
 import importlib
 import json
-import math
 import os
 import platform
 import shutil
@@ -317,7 +316,7 @@ def _bench_artifacts(ctx: Ctx, cfg: BenchStage) -> list[str]:
 
 
 def _bench_run(ctx: Ctx, cfg: BenchStage, work: Path) -> Path:
-    from edgesmith.bench.harness import BenchSettings, run, summary_line
+    from edgesmith.bench.harness import BenchSettings, run
     from edgesmith.fsutil import data_dir as find_data_dir
 
     from . import modelio
@@ -344,16 +343,16 @@ def _bench_run(ctx: Ctx, cfg: BenchStage, work: Path) -> Path:
     common = dict(artifacts=arts, ctx=cfg.ctx, threads=cfg.threads, reference=ref if cfg.teacher else None,
                   task_kinds=cfg.task_kinds)
     runs = []
-    if data_dir:  # WikiText-2 + multiple choice + agreement with the teacher + latency
-        runs.append(("wikitext", BenchSettings(**common, data_dir=data_dir, max_chunks=cfg.max_chunks, tasks=list(cfg.tasks),
-                                               limit=cfg.limit, latency=cfg.latency, repeat=cfg.repeat)))
     heldout = Path(ctx.artifacts["distill"]) / "heldout.txt" if "distill" in ctx.artifacts else None
-    if heldout is not None and heldout.is_file():
-        # latency and agreement with the teacher ride on this run only when there is no WikiText run
-        # (the report takes them from the WikiText run otherwise: measuring them twice only costs time)
-        runs.append(("corpus", BenchSettings(**{**common, "reference": None if data_dir else common["reference"]},
-                                             ppl_text=str(heldout), max_chunks=cfg.corpus_chunks,
-                                             latency=cfg.latency and not data_dir, repeat=cfg.repeat)))
+    heldout = heldout if heldout is not None and heldout.is_file() else None
+    if data_dir:  # WikiText-2 + multiple choice + agreement with the teacher + latency (+ the held-out corpus, same load)
+        runs.append(("wikitext", BenchSettings(**common, data_dir=data_dir, max_chunks=cfg.max_chunks, tasks=list(cfg.tasks),
+                                               limit=cfg.limit, latency=cfg.latency, repeat=cfg.repeat,
+                                               extra_texts={"corpus": str(heldout)} if heldout else {},
+                                               extra_chunks=cfg.corpus_chunks)))
+    elif heldout:  # no evaluation data: the held-out corpus is the perplexity text, and carries latency and agreement
+        runs.append(("corpus", BenchSettings(**common, ppl_text=str(heldout), max_chunks=cfg.corpus_chunks,
+                                             latency=cfg.latency, repeat=cfg.repeat)))
     if not runs:
         raise EdgesmithError("bench: nothing to measure: no evaluation data (../shared/data or EDGESMITH_DATA=) and no "
                              "held-out teacher corpus (a distill stage with data teacher:N)")
@@ -581,65 +580,6 @@ def _advance(ctx: Ctx, s: str, final: Path, cfg) -> None:
 # ---------------------------------------------------------------- report
 
 
-def _role(path: str, ctx_paths: dict) -> tuple[str, str]:
-    """(model, format) of a bench row: teacher or student, and HF / GGUF <type> / ONNX <quant>."""
-    p = Path(path)
-    if p.suffix == ".gguf":
-        fmt = "GGUF " + p.stem.rsplit("-", 1)[-1] if "-" in p.stem else "GGUF"
-        if "." in p.stem and p.stem.rsplit(".", 1)[-1].upper() == p.stem.rsplit(".", 1)[-1]:
-            fmt = "GGUF " + p.stem.rsplit(".", 1)[-1]  # SmolLM2-135M-Instruct.Q4_1.gguf
-    elif any(p.glob("*.onnx")) if p.is_dir() else False:
-        fmt = "ONNX " + (p.name.split("-", 1)[1] if "-" in p.name else "fp32")
-    else:
-        fmt = "HF fp32"
-    export = ctx_paths.get("export")
-    owner = "student" if export and str(p.resolve()).startswith(str(Path(export).resolve())) else None
-    if owner is None:
-        owner = "student" if ctx_paths.get("_model") and p.resolve() == Path(ctx_paths["_model"]).resolve() else "teacher"
-    return owner, fmt
-
-
-def _params(path: str) -> tuple[int | None, int | None]:
-    from .facts import facts
-
-    try:
-        f = facts(path)
-        return f.params_total, f.params_non_embedding
-    except Exception:  # noqa: BLE001 - ONNX dirs etc.: filled from the model they were exported from
-        return None, None
-
-
-def report_rows(root: Path, ctx_paths: dict) -> list[dict]:
-    """One row per (model, format), joining the WikiText and held-out-corpus bench runs."""
-    docs = {n: json.loads((root / "bench" / f"{n}.json").read_text()) for n in ("wikitext", "corpus")
-            if (root / "bench" / f"{n}.json").is_file()}
-    rows: dict[str, dict] = {}
-    for name, doc in docs.items():
-        for r in doc["results"]:
-            row = rows.setdefault(r["artifact"], {"artifact": r["artifact"], "backend": r.get("backend", "?")})
-            if "error" in r:
-                row["error"] = r["error"]
-                continue
-            if name == "corpus":
-                row["corpus_ppl"] = (r.get("perplexity") or {}).get("value")
-                for k in ("latency",):
-                    if r.get(k) and not row.get(k):
-                        row[k] = r[k]
-                row.setdefault("file_mb", r.get("file_mb"))
-                row.setdefault("bpw", r.get("bpw"))
-                row.setdefault("agreement", r.get("agreement"))
-            else:
-                row.update({k: v for k, v in r.items() if k != "summary"})
-    params = {}
-    for a, row in rows.items():
-        row["model"], row["format"] = _role(a, ctx_paths)
-        if row["format"] == "HF fp32":
-            params[row["model"]] = _params(a)
-    for row in rows.values():
-        row["params"], row["params_non_embedding"] = params.get(row["model"], (None, None))
-    return list(rows.values())
-
-
 def bench_rows(root: Path) -> list[dict]:
     """report_rows of a finished pipeline output root: the student is the last HF model a stage wrote."""
     ctx_paths = {s: str(root / s) for s in ORDER if (root / s).exists()}
@@ -647,89 +587,9 @@ def bench_rows(root: Path) -> list[dict]:
         if s in ctx_paths and (root / s / "config.json").is_file():
             ctx_paths["_model"] = ctx_paths[s]
             break
-    return report_rows(root, ctx_paths)
+    from edgesmith.bench.report import join_runs
 
-
-def _f(v, spec=".2f") -> str:
-    return "-" if v is None else format(v, spec)
-
-
-def format_table(rows: list[dict]) -> list[list[str]]:
-    tasks = list(dict.fromkeys(k for r in rows for k, v in (r.get("tasks") or {}).items() if "acc" in v))
-    head = ["model", "format", "params M", "MiB", "bpw", "WikiText ppl", "corpus ppl"] + [f"{t} acc %" for t in tasks]
-    head += ["KL vs teacher", "top-1 %", "prefill tok/s", "decode tok/s", "TTFT ms", "peak MB"]
-    out = [head]
-    for r in rows:
-        if "error" in r:
-            out.append([r["model"], r["format"], "FAILED: " + r["error"][:80]] + [""] * (len(head) - 3))
-            continue
-        lat, a, t = r.get("latency") or {}, r.get("agreement") or {}, r.get("tasks") or {}
-        out.append([r["model"], r["format"], _f(r["params"] / 1e6 if r.get("params") else None, ".1f"), _f(r.get("file_mb"), ".1f"),
-                    _f(r.get("bpw")), _f((r.get("perplexity") or {}).get("value")), _f(r.get("corpus_ppl"))]
-                   + [_acc(t.get(k)) for k in tasks]
-                   + [_f(a.get("kl"), ".4f"), _f(100 * a["top1"] if "top1" in a else None, ".1f"),
-                      _f(lat.get("prefill_tok_s"), ".1f"),
-                      f"{lat['decode_tok_s']:.1f} ± {lat.get('decode_tok_s_std', 0):.1f}" if "decode_tok_s" in lat else "-",
-                      _f(lat.get("ttft_ms"), ".0f"), _f(lat.get("peak_rss_mb"), ".0f")])
-    return out
-
-
-def _acc(v: dict | None) -> str:
-    """accuracy % with its standard error, e.g. 46.2 ± 2.2"""
-    if not v or "acc" not in v:
-        return "-"
-    se = v.get("acc_stderr")
-    return f"{100 * v['acc']:.1f}" + (f" ± {100 * se:.1f}" if se is not None else "")
-
-
-CHANCE = {"arc_easy": 0.25, "arc_challenge": 0.25, "piqa": 0.5, "winogrande": 0.5, "boolq": 0.5, "copa": 0.5}
-
-
-def headline(rows: list[dict]) -> list[str]:
-    """Teacher vs student in a few sentences: perplexity ratio, accuracy kept above chance (with whether each
-    difference is outside noise: |diff| > 2·sqrt(se_t² + se_s²)), and Q4_K_M decode speed and size ratios."""
-    by = {(r["model"], r["format"]): r for r in rows if "error" not in r}
-    t, s = by.get(("teacher", "HF fp32")), by.get(("student", "HF fp32"))
-    out = []
-    if t and s and t.get("perplexity") and s.get("perplexity"):
-        out.append(f"- WikiText ppl: student {s['perplexity']['value']:.2f} vs teacher {t['perplexity']['value']:.2f} "
-                   f"(**{s['perplexity']['value'] / t['perplexity']['value']:.2f}×**); student non-embedding parameters "
-                   f"{(s.get('params_non_embedding') or 0) / max(1, t.get('params_non_embedding') or 1):.0%} of the teacher's.")
-    if t and s and t.get("tasks") and s.get("tasks"):
-        kept = []
-        for k in t["tasks"]:
-            a, b = t["tasks"].get(k) or {}, s["tasks"].get(k) or {}
-            if "acc" not in a or "acc" not in b:
-                continue
-            se = math.sqrt((a.get("acc_stderr") or 0) ** 2 + (b.get("acc_stderr") or 0) ** 2)
-            d = b["acc"] - a["acc"]
-            noise = "within noise" if abs(d) <= 2 * se else "outside noise"
-            line = f"- {k} (n={b.get('n')}): student {_acc(b)} vs teacher {_acc(a)}: {100 * d:+.1f} points, {noise} (2σ = {200 * se:.1f})"
-            if k in CHANCE and a["acc"] > CHANCE[k]:
-                kept.append((b["acc"] - CHANCE[k]) / (a["acc"] - CHANCE[k]))
-                line += f"; {kept[-1]:.0%} of the teacher's accuracy above chance kept"
-            out.append(line)
-        if kept:
-            out.append(f"- mean accuracy above chance kept: **{sum(kept) / len(kept):.0%}**")
-    tq, sq = by.get(("teacher", "GGUF Q4_K_M")), by.get(("student", "GGUF Q4_K_M"))
-    if tq and sq and (tq.get("latency") or {}).get("decode_tok_s") and (sq.get("latency") or {}).get("decode_tok_s"):
-        tl, sl = tq["latency"], sq["latency"]
-        out.append(f"- GGUF Q4_K_M decode: student {sl['decode_tok_s']:.1f} vs teacher {tl['decode_tok_s']:.1f} tok/s "
-                   f"(**{sl['decode_tok_s'] / tl['decode_tok_s']:.2f}×**), prefill {sl.get('prefill_tok_s', 0) / max(1e-9, tl.get('prefill_tok_s', 1)):.2f}×, "
-                   f"file {sq.get('file_mb', 0):.1f} vs {tq.get('file_mb', 0):.1f} MiB")
-    return out
-
-
-def _md(t: list[list[str]]) -> str:
-    return "\n".join(["| " + " | ".join(t[0]) + " |", "|" + "|".join("---" for _ in t[0]) + "|"]
-                     + ["| " + " | ".join(r) + " |" for r in t[1:]])
-
-
-def terminal(t: list[list[str]]) -> str:
-    keep = [i for i in range(len(t[0])) if any(r[i] not in ("-", "") for r in t[1:])] or list(range(len(t[0])))
-    w = [max(len(r[i]) for r in t) for i in range(len(t[0]))]
-    line = lambda r: "  ".join(r[i].ljust(w[i]) for i in keep)  # noqa: E731
-    return "\n".join([line(t[0]), "  ".join("-" * w[i] for i in keep)] + [line(r) for r in t[1:]])
+    return join_runs(root, ctx_paths)
 
 
 def stage_times(root: Path) -> list[list[str]]:
@@ -744,7 +604,7 @@ def stage_times(root: Path) -> list[list[str]]:
 
 def write_report(root: Path, recipe: Recipe, work: Path) -> Path:
     """OUT/report/{report.md, *.png} and a copy OUT/report.md with links into report/."""
-    from edgesmith.bench.report import plot
+    from edgesmith.bench.report import headline, md_table, pipeline_table, plot
 
     rows = bench_rows(root)
     md = [f"# {recipe.name}: edgesmith pipeline report", ""]
@@ -764,8 +624,8 @@ def write_report(root: Path, recipe: Recipe, work: Path) -> Path:
         top = headline(rows)
         if top:
             md += ["## Teacher vs student", ""] + top + [""]
-        md += ["## Every format", "", "Accuracy: % ± standard error.", "", _md(format_table(rows)), ""]
-    md += ["## Stage times", "", _md(stage_times(root)), ""]
+        md += ["## Every format", "", "Accuracy: % ± standard error.", "", md_table(pipeline_table(rows)), ""]
+    md += ["## Stage times", "", md_table(stage_times(root)), ""]
     export = root / "export"
     if (export / "export.json").is_file():
         ex = json.loads((export / "export.json").read_text())
@@ -787,6 +647,8 @@ def write_text_(path: Path, text: str) -> None:
 
 def summary(root: Path) -> str:
     """What the user sees at the end: where the Ollama-ready files are, and the table."""
+    from edgesmith.bench.report import headline, pipeline_table, text_table
+
     lines = []
     export = root / "export"
     if (export / "export.json").is_file():
@@ -798,7 +660,7 @@ def summary(root: Path) -> str:
             lines.append(f"  ollama create {name} -f {pick}")
     rows = bench_rows(root) if (root / "bench").is_dir() else []
     if rows:
-        lines += ["", terminal(format_table(rows))]
+        lines += ["", text_table(pipeline_table(rows))]
         top = headline(rows)
         if top:
             lines += ["", "Teacher vs student:"] + top

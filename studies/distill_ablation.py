@@ -202,15 +202,11 @@ def main() -> int:
     return 0
 
 
-CHANCE = {"arc_easy": 0.25, "piqa": 0.5, "winogrande": 0.5, "boolq": 0.5, "copa": 0.5}
-
-
 def kept_above_chance(student: dict, teacher: dict) -> float | None:
-    """Mean over tasks of (student - chance) / (teacher - chance), over the tasks where the teacher is more than two
-    standard errors above chance (SmolLM2-135M's WinoGrande, 51.0 ± 2.2, is not: the ratio there is noise)."""
-    fr = [(student[t]["acc"] - CHANCE[t]) / (teacher[t]["acc"] - CHANCE[t]) for t in student if t in teacher and t in CHANCE
-          and teacher[t]["acc"] - CHANCE[t] > 2 * (teacher[t].get("acc_stderr") or 0)]
-    return round(sum(fr) / len(fr), 3) if fr else None
+    from edgesmith.bench.report import kept_above_chance as kept
+
+    f = kept(student, teacher)
+    return None if f is None else round(f, 3)
 
 
 def document(results: dict, t_score: dict, args, budget: float, ft, fp, torch, prev_teacher_tasks: dict | None = None) -> dict:

@@ -333,9 +333,40 @@ def test_shared_context_scoring_equals_one_pass_scoring(tiny_set, shared_data, k
     lm = open_lm(tiny_set[kind], 1)
     try:
         items = T.get("arc_easy").load(str(shared_data), 4) + T.get("winogrande").load(str(shared_data), 3)
+        one_passes = []
         for it in items:
             shared = H.choice_logliks(lm, it["pairs"])
             one_pass = np.array([H.continuation_loglik(lm, c, x) for c, x in it["pairs"]])
             np.testing.assert_allclose(shared, one_pass, rtol=1e-4, atol=1e-3)
+            one_passes.append(one_pass)
+        if hasattr(lm, "score_pairs"):  # batched: the choices of an item packed after their context, many items per forward
+            packed = lm.score_pairs([H.split_pair(lm, c, x) for it in items for c, x in it["pairs"]], max_batch_tokens=256)
+            np.testing.assert_allclose(packed, np.concatenate(one_passes), rtol=1e-4, atol=1e-3)
     finally:
         lm.close()
+
+
+def test_headline_reports_kept_accuracy_above_chance_and_noise():
+    """The pipeline report's teacher-vs-student lines: accuracy kept above chance only where the teacher is more than
+    two standard errors above chance, differences flagged against 2σ of the pair, ratios of ppl and Q4_K_M speed."""
+    from edgesmith.bench.report import headline, kept_above_chance, kept_fraction
+
+    t_tasks = {"arc_easy": {"acc": 0.49, "acc_stderr": 0.022, "n": 500}, "piqa": {"acc": 0.65, "acc_stderr": 0.021, "n": 500},
+               "winogrande": {"acc": 0.51, "acc_stderr": 0.022, "n": 500}}
+    s_tasks = {"arc_easy": {"acc": 0.41, "acc_stderr": 0.022, "n": 500}, "piqa": {"acc": 0.64, "acc_stderr": 0.021, "n": 500},
+               "winogrande": {"acc": 0.50, "acc_stderr": 0.022, "n": 500}}
+    assert kept_fraction(s_tasks["arc_easy"], t_tasks["arc_easy"], "arc_easy") == pytest.approx(16 / 24)
+    assert kept_fraction(s_tasks["winogrande"], t_tasks["winogrande"], "winogrande") is None  # teacher within noise of chance
+    assert kept_above_chance(s_tasks, t_tasks) == pytest.approx((16 / 24 + 14 / 15) / 2)
+    lat = lambda d: {"decode_tok_s": d, "prefill_tok_s": 2 * d}  # noqa: E731
+    rows = [{"model": "teacher", "format": "HF fp32", "perplexity": {"value": 20.0}, "tasks": t_tasks, "params_non_embedding": 100},
+            {"model": "student", "format": "HF fp32", "perplexity": {"value": 30.0}, "tasks": s_tasks, "params_non_embedding": 65},
+            {"model": "teacher", "format": "GGUF Q4_K_M", "latency": lat(80.0), "file_mb": 100.0},
+            {"model": "student", "format": "GGUF Q4_K_M", "latency": lat(120.0), "file_mb": 75.0}]
+    text = "\n".join(headline(rows))
+    assert "(**1.50×**); student non-embedding parameters 65%" in text
+    assert "arc_easy (n=500): student 41.0 ± 2.2 vs teacher 49.0 ± 2.2: -8.0 points, outside noise" in text
+    assert "piqa (n=500): student 64.0 ± 2.1 vs teacher 65.0 ± 2.1: -1.0 points, within noise" in text
+    assert "winogrande" in text and "winogrande (n=500): student 50.0 ± 2.2 vs teacher 51.0 ± 2.2: -1.0 points, within noise (2σ = 6.2)\n" in text + "\n"
+    assert f"mean accuracy above chance kept: **{(16 / 24 + 14 / 15) / 2:.0%}**" in text
+    assert "(**1.50×**), prefill 1.50×, file 75.0 vs 100.0 MiB" in text
