@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from edgesmith.config import add_dataclass_args, apply_overrides, args_to_overrides, from_dict, load_stage_yaml
-from edgesmith.errors import ConfigError, EdgesmithError
+from edgesmith.config import add_config_args, config_from_args
 
 from .importance import IMPORTANCE, LAYER_IMPORTANCE
 from .prune import PruneConfig
@@ -18,27 +17,10 @@ from .prune import PruneConfig
 CUSTOM = ("model", "out", "importance", "layer_importance", "sparsity")
 
 
-def config_from_args(args) -> PruneConfig:
-    data = load_stage_yaml(args.recipe, PruneConfig) if args.recipe else {}
-    if args.model is not None:
-        data["model"] = args.model
-    if args.out is not None:
-        data["out"] = args.out
-    data.update(args_to_overrides(args, PruneConfig, skip=CUSTOM))
-    for name in ("importance", "layer_importance", "sparsity"):
-        if getattr(args, name) is not None:
-            data[name] = getattr(args, name)
-    data = apply_overrides(data, args.set)
-    try:
-        return from_dict(PruneConfig, data)
-    except ConfigError as e:
-        raise EdgesmithError(f"{args.recipe}: {e}" if args.recipe else str(e)) from None
-
-
 def cmd_prune(args) -> int:
     from .prune import run
 
-    run(config_from_args(args))
+    run(config_from_args(PruneConfig, args, given={k: getattr(args, k) for k in CUSTOM}))
     return 0
 
 
@@ -49,8 +31,6 @@ def register(sub) -> None:
     )
     p.add_argument("model", nargs="?", default=None, help="HF model directory, .gguf file, or 'default' (default: from the recipe, else 'default')")
     p.add_argument("--out", default=None, help="output directory (default: from the recipe, else out/prune)")
-    p.add_argument("--recipe", default=None, help="YAML file of prune settings (e.g. recipes/prune-default.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting (repeatable)")
     p.add_argument("--importance", choices=list(IMPORTANCE), default=None,
                    help="how MLP channels, heads and hidden channels are ranked (default: activation, 3.5x lower WikiText "
                         "perplexity than magnitude after MLP 1536->1024: studies/results/prune-quality.md)")
@@ -59,5 +39,5 @@ def register(sub) -> None:
                         "dropping 6 layers: studies/results/prune-quality.md)")
     p.add_argument("--sparsity", default=None, metavar="P|N:M",
                    help="then zero weights by magnitude: a fraction like 0.5, or 2:4 (files and CPU speed do not change)")
-    add_dataclass_args(p, PruneConfig, skip=CUSTOM)
+    add_config_args(p, PruneConfig, skip=CUSTOM)  # --recipe, --set and every other field
     p.set_defaults(func=cmd_prune)

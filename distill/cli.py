@@ -11,7 +11,7 @@ from __future__ import annotations
 def cmd_distill(args) -> int:
     import json
 
-    from edgesmith.trainloop import config_from_args
+    from edgesmith.config import config_from_args
 
     from .distill import DistillConfig, run
 
@@ -26,11 +26,11 @@ def cmd_distill(args) -> int:
 def register(sub) -> None:
     import argparse
 
-    from edgesmith.trainloop import add_stage_args
+    from edgesmith.config import add_config_args
 
     from .distill import DistillConfig
 
     p = sub.add_parser("distill", help="distil a teacher into a student (KL/JS logits, hidden states; full or LoRA)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_stage_args(p, DistillConfig)
+    add_config_args(p, DistillConfig)
     p.set_defaults(func=cmd_distill)

@@ -296,3 +296,49 @@ def args_to_overrides(args, cls: type, skip: tuple[str, ...] = ()) -> dict:
                 pass
         out[f.name] = v
     return out
+
+
+# ---------------------------------------------------------------- command line -> config (every stage command)
+
+
+FLAG_GROUPS = ("train",)  # nested settings whose fields are flags too (corpus.* shares names with train.*: --set only)
+
+
+def add_config_args(parser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """--recipe, --set, every scalar field of `cls` as --field-name, and the nested settings in FLAG_GROUPS (a
+    stage's `train:`) as their own group of flags. Fields in `skip` get hand-written flags (positional model,
+    registries with argparse choices, lists given as CSV) whose values reach `config_from_args` as `given`."""
+    parser.add_argument("--recipe", default=None,
+                        help="YAML settings file or pipeline recipe (its stages.<stage> section); flags override it")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any settings key, e.g. --set train.lr=1e-4 or --set jobs=1 (repeatable)")
+    add_dataclass_args(parser, cls, skip=skip)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in FLAG_GROUPS and f.name not in skip and dataclasses.is_dataclass(hints[f.name]):
+            add_dataclass_args(parser.add_argument_group(f"{f.name} settings"), hints[f.name])
+
+
+def config_from_args(cls: type, args, given: dict | None = None):
+    """Recipe < hand-written flags (`given`, None = not given) < generated flags < --set -> validated `cls`; errors
+    name the recipe file and the key. A nested settings mapping the recipe gives in part (e.g. `train: {lr: 1e-4}`)
+    keeps the stage's own defaults for the rest (distill's learning rate is not finetune's)."""
+    data = load_stage_yaml(args.recipe, cls) if getattr(args, "recipe", None) else {}
+    hints = typing.get_type_hints(cls)
+    nested = [f for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])]
+    for f in nested:
+        if f.default_factory is not dataclasses.MISSING and (f.name not in data or isinstance(data[f.name], dict)):
+            data[f.name] = {**to_dict(f.default_factory()), **(data.get(f.name) or {})}
+    data.update({k: v for k, v in (given or {}).items() if v is not None})
+    data.update(args_to_overrides(args, cls, skip=tuple(given or ())))  # hand-written flags arrive parsed, in `given`
+    for f in (f for f in nested if f.name in FLAG_GROUPS):
+        flags = args_to_overrides(args, hints[f.name])
+        if flags:
+            data[f.name] = {**(data.get(f.name) or {}), **flags}
+    data = apply_overrides(data, getattr(args, "overrides", None) or [])
+    try:
+        return from_dict(cls, data)
+    except ConfigError as e:
+        if getattr(args, "recipe", None):
+            raise EdgesmithError(f"{args.recipe}: {e}") from None
+        raise

@@ -6,9 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-from edgesmith.errors import EdgesmithError
 
 DEFAULT_GGUF = "F16,Q4_0,Q4_K_M,Q5_K_M,Q8_0"
 # exporter (export/run.py EXPORTERS) -> the flag that turns it on
@@ -19,19 +17,18 @@ def _csv(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
 
 
+# flags written by hand: the positional model, --out, and the two lists given as CSV; recipe_hash is set by `edgesmith run`
+CUSTOM = ("model", "out", "gguf", "onnx_quant", "recipe_hash")
+
+
 def config_from_args(args):
+    from edgesmith.config import config_from_args as from_args
+
     from .run import ExportConfig
 
-    gguf = [] if args.gguf.strip().lower() in ("", "none") else _csv(args.gguf)
-    try:
-        return ExportConfig(
-            model=args.model, out=args.out, name=args.name or "", gguf=gguf, base=args.base,
-            onnx=args.onnx, onnx_quant=_csv(args.onnx_quant or ""), modelfile=args.modelfile,
-            gguf_lora=args.gguf_lora, imatrix=args.imatrix or "", adapter_base=args.adapter_base or "", check=not args.no_check,
-            threads=args.threads, jobs=args.jobs,
-        )
-    except EdgesmithError as e:  # ConfigError "gguf: unknown GGUF type ..." -> drop the key for the CLI
-        raise EdgesmithError(getattr(e, "detail", str(e))) from None
+    given = {"model": args.model, "out": args.out, "onnx_quant": _csv(args.onnx_quant) if args.onnx_quant else None,
+             "gguf": None if args.gguf is None else [] if args.gguf.strip().lower() in ("", "none") else _csv(args.gguf)}
+    return from_args(ExportConfig, args, given)
 
 
 def _mib(n: int) -> str:
@@ -76,23 +73,17 @@ def cmd_export(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser("export", help="export GGUF (F16 + llama.cpp quants), ONNX with KV cache, Ollama Modelfiles",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="HF model directory, 'default', or a LoRA adapter directory (merged in float32 first)")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--gguf", default=DEFAULT_GGUF, metavar="TYPES",
+    from edgesmith.config import add_config_args
+
+    from .run import ExportConfig
+
+    p.add_argument("model", nargs="?", default=None,
+                   help="HF model directory, 'default', or a LoRA adapter directory (merged in float32 first); default: "
+                        "the recipe's, else 'default'")
+    p.add_argument("--out", default=None, help="output directory (default: the recipe's, else out/export)")
+    p.add_argument("--gguf", default=None, metavar="TYPES",
                    help=f"comma-separated GGUF types: F16/BF16/F32 and any llama.cpp quant (default {DEFAULT_GGUF}; 'none' to skip)")
-    p.add_argument("--base", default="F16", choices=["F16", "BF16", "F32"], help="float GGUF the quants are made from (default F16)")
-    p.add_argument("--onnx", action="store_true", help="also export ONNX (fp32, KV cache) to OUT/onnx/")
-    p.add_argument("--onnx-quant", metavar="Q", default="", help="ONNX weight quantisations: int8,int4 (into OUT/onnx-int8/ ...)")
-    p.add_argument("--modelfile", action="store_true", help="write an Ollama Modelfile per GGUF file (OUT/Modelfile.<TYPE>)")
-    p.add_argument("--name", help="file name stem (default: the model's name, e.g. smollm2-135m-instruct)")
-    p.add_argument("--imatrix", metavar="CALIB", help="calibration text (an importance matrix is computed) or a llama.cpp imatrix file")
-    p.add_argument("--gguf-lora", action="store_true",
-                   help="MODEL is a LoRA adapter: also write it as OUT/NAME-lora-F16.gguf (llama.cpp --lora, Ollama ADAPTER); "
-                        "with --gguf none only the adapter is converted")
-    p.add_argument("--adapter-base", help="base model of a LoRA adapter MODEL (default: the one recorded in the adapter)")
-    p.add_argument("--threads", type=int, default=0, help="threads for quantising and checks (default: all cores)")
-    p.add_argument("--jobs", type=int, default=2,
-                   help="run the GGUF and ONNX halves side by side and this many quantisations at a time (default 2; 1 = sequential)")
-    p.add_argument("--no-check", action="store_true", help="skip the llama.cpp / onnxruntime fidelity checks")
+    p.add_argument("--onnx-quant", metavar="Q", default=None, help="ONNX weight quantisations: int8,int4 (into OUT/onnx-int8/ ...)")
+    add_config_args(p, ExportConfig, skip=CUSTOM)  # --recipe, --set, --onnx, --modelfile, --name, --imatrix, --jobs, ...
     p.add_argument("--json", action="store_true", help="print export.json instead of the table")
     p.set_defaults(func=cmd_export)

@@ -5,7 +5,7 @@ from __future__ import annotations
 def cmd_finetune(args) -> int:
     import json
 
-    from edgesmith.trainloop import config_from_args
+    from edgesmith.config import config_from_args
 
     from .lora import FinetuneConfig, run
 
@@ -21,11 +21,11 @@ def cmd_finetune(args) -> int:
 
 
 def register(sub) -> None:
-    from edgesmith.trainloop import add_stage_args
+    from edgesmith.config import add_config_args
 
     from .lora import FinetuneConfig, METHODS
 
     p = sub.add_parser("finetune", help="LoRA/DoRA/IA3/full fine-tuning on instruction data",
                        description=__doc__ + "\n\nmethods: " + "; ".join(f"{k}: {v}" for k, v in METHODS.items()))
-    add_stage_args(p, FinetuneConfig)
+    add_config_args(p, FinetuneConfig)
     p.set_defaults(func=cmd_finetune)

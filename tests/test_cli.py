@@ -42,3 +42,39 @@ def test_info_rejects_non_gguf_file(tmp_path):
     f.write_bytes(b"not a gguf at all" * 10)
     r = run_cli("info", str(f))
     assert r.returncode == 2 and "not a GGUF file" in r.stderr
+
+
+@pytest.mark.parametrize("stage,cmd,cls_path,key,flag", [
+    ("prune", "prune", "edgesmith.compress.prune:PruneConfig", "num_layers", "--num-layers"),
+    ("distill", "distill", "edgesmith.distill.distill:DistillConfig", "max_length", "--max-length"),
+    ("finetune", "finetune", "edgesmith.finetune.lora:FinetuneConfig", "max_length", "--max-length"),
+    ("export", "export", "edgesmith.export.run:ExportConfig", "jobs", "--jobs"),
+])
+def test_every_stage_command_reads_a_recipe_then_flags_then_set(tmp_path, stage, cmd, cls_path, key, flag):
+    """One flag -> config path for every stage command: the recipe's stages.<stage> section, then the command's flags,
+    then --set, each overriding the one before; a bad key names the recipe file and the key."""
+    import importlib
+
+    import yaml
+
+    from edgesmith.config import config_from_args
+
+    mod, name = cls_path.split(":")
+    cls = getattr(importlib.import_module(mod), name)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": "default", "stages": {stage: {key: 30, "train": {"lr": 1e-5}}
+                                                                     if stage in ("distill", "finetune") else {key: 30}}}))
+    parse = lambda *a: build_parser().parse_args([cmd, *a])  # noqa: E731
+    given = lambda args: {k: getattr(args, k) for k in ("model", "out") if hasattr(args, k)}  # noqa: E731
+    args = parse("--recipe", str(recipe))
+    cfg = config_from_args(cls, args, given(args))
+    assert getattr(cfg, key) == 30
+    if stage in ("distill", "finetune"):  # a partial train: mapping keeps the stage's other loop defaults
+        assert cfg.train.lr == 1e-5 and cfg.train.batch_size == cls().train.batch_size
+    args = parse("--recipe", str(recipe), flag, "40")
+    assert getattr(config_from_args(cls, args, given(args)), key) == 40
+    args = parse("--recipe", str(recipe), flag, "40", "--set", f"{key}=50")
+    assert getattr(config_from_args(cls, args, given(args)), key) == 50
+    args = parse("--recipe", str(recipe), "--set", "no_such_key=1")
+    with pytest.raises(Exception, match=rf"{recipe}: .*no_such_key"):
+        config_from_args(cls, args, given(args))

@@ -58,7 +58,7 @@ def test_cli_choices_equal_exporters_and_unknown_quant_is_a_cli_error(capsys, tm
     assert set(EXPORTER_FLAGS.values()) <= flags
     rc = main(["export", "default", "--out", str(tmp_path / "x"), "--gguf", "F16,Q9_9"])
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and err.startswith("edgesmith export: error: unknown GGUF type 'Q9_9'; valid: F32, F16, Q4_0")
+    assert rc == 2 and err.startswith("edgesmith export: error: gguf: unknown GGUF type 'Q9_9'; valid: F32, F16, Q4_0")
     assert not (tmp_path / "x" / "export.json").exists()
 
 

@@ -57,7 +57,7 @@ def test_every_shipped_recipe_parses(path):
     else:
         from edgesmith.compress.prune import PruneConfig
         from edgesmith.distill.distill import DistillConfig
-        from edgesmith.trainloop import config_from_args
+        from edgesmith.config import config_from_args
 
         cls = {"prune-default.yaml": PruneConfig, "distill-default.yaml": DistillConfig}[path.name]
         args = type("A", (), {"recipe": str(path), "overrides": []})()
