@@ -244,7 +244,6 @@ def export_onnx(hf_dir: Path, out_dir: Path, quant: str | None = None, check: bo
 def hf_greedy(hf_dir: Path, ids: list[int], n: int) -> list[int]:
     """Reference: HF fp32 greedy decoding of exactly `n` tokens (no eos stop), using its KV cache."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     model = _hf_model(hf_dir)
     out, past = [], None
@@ -307,15 +306,10 @@ def check_quantized(q_dir: Path, fp32_dir: Path, threads: int | None = None) -> 
 
 
 def _ppl(logits: np.ndarray, ids: list[int]) -> float:
-    # logits: [T, V] for ids[0..T); predicts ids[1..T)
-    lp = logits[:-1] - _logsumexp(logits[:-1])
-    nll = -lp[np.arange(len(ids) - 1), np.asarray(ids[1:])]
-    return float(np.exp(nll.mean()))
+    # logits: [T, V] for ids[0..T); predicts ids[1..T): the bench's log-softmax and NLL, over every position
+    from edgesmith.bench.harness import log_softmax, nll_of
 
-
-def _logsumexp(x: np.ndarray) -> np.ndarray:
-    m = x.max(-1, keepdims=True)
-    return m + np.log(np.exp(x - m).sum(-1, keepdims=True))
+    return float(np.exp(nll_of(log_softmax(logits[:-1]), np.asarray(ids[1:])).mean()))
 
 
 # ---------------------------------------------------------------- runtime (no torch)
