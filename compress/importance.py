@@ -159,11 +159,12 @@ def magnitude_scores(sd: dict, dims: Dims, stats: dict | None = None, seed: int 
     L, hd, g = dims.num_layers, dims.head_dim, dims.group
     mlp, heads, kv = [], [], []
     # hidden channel c is written by the embedding column c and every o/down output row c: [V, D] -> [D]
-    hidden = sd["model.embed_tokens.weight"].double().abs().amax(0)
+    hidden = sd["model.embed_tokens.weight"].abs().amax(0).double()  # |.| and max are exact: no [V, D] fp64 copy
     for l in range(L):
         w = {n: sd[lkey(l, n)].double() for n in LINEARS}
         # MLP channel j: up row j as the block sees it (RMSNorm weight folded in) times down column j
-        norm_w = sd[f"model.layers.{l}.post_attention_layernorm.weight"].double()  # [D]
+        pre_ff = f"model.layers.{l}.pre_feedforward_layernorm.weight"  # Gemma: the pre-MLP norm, scaling by (1 + w)
+        norm_w = sd[pre_ff].double() + 1 if pre_ff in sd else sd[f"model.layers.{l}.post_attention_layernorm.weight"].double()  # [D]
         mlp.append((w["mlp.up_proj"] * norm_w).abs().amax(1) * w["mlp.down_proj"].abs().amax(0))  # [I]
         # query head h: its q rows and o columns
         h_sq = _head_rows(w["self_attn.q_proj"], hd).pow(2).sum((1, 2)) + _head_cols(w["self_attn.o_proj"], hd).pow(2).sum((1, 2))

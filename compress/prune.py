@@ -14,19 +14,25 @@ The stage, top to bottom:
        rounding widths to multiples that quantise cleanly (--round-to, default 256)
     2. calibration text (only when a criterion needs data) and one hooked forward pass
     3. score every unit (compress/importance.py) and choose what to keep
-    4. tensor surgery on the state dict (Llama coupling is explicit, see importance.py) and
-       a fresh model of the new config with those weights
-    5. optional unstructured / N:M magnitude sparsity (dense files: size and speed do not change)
-    6. held-out perplexity before/after, save (atomically) + prune_report.json + a printed table
+    4. held-out perplexity of the source, then tensor surgery (Llama coupling is explicit, see importance.py)
+       written one decoder layer at a time into the safetensors files save_pretrained would write (write_pruned),
+       the source freed as it goes; optional unstructured / N:M magnitude sparsity (dense files: size and speed do
+       not change) on the way
+    5. the pruned model loaded back from those files for its held-out perplexity; prune_report.json, a printed
+       table; the whole directory replaced atomically
+
+Memory: the checkpoint's precision is kept (bf16 stays bf16, no fp32 copy), so the peak is about one copy of the
+source plus one layer and the calibration activations (1.07B bf16 Llama: 3.1 GiB for a 2.0 GiB checkpoint, 3.0B:
+6.7 GiB for 5.5 GiB; studies/results/scaling/).
 
 Heavy libraries are imported inside functions: `edgesmith --help` must stay fast.
 """
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import math
-import os
 import random
 import re
 import shutil
@@ -41,6 +47,10 @@ from edgesmith.fsutil import atomic_dir, check_free_space, data_dir, write_json
 from .importance import IMPORTANCE, LAYER_IMPORTANCE, LAYER_NEEDS_DATA, NEEDS_DATA, Dims, Scores
 
 MIN_ROUND = 32  # legacy GGUF quants tile rows in blocks of 32: never round to anything finer
+# Largest safetensors file of the pruned checkpoint (save_pretrained's default): a model above it is written as
+# model-0000k-of-0000n.safetensors + model.safetensors.index.json. Memory does not depend on it: every source tensor is
+# freed as soon as its pruned copy exists (write_pruned).
+MAX_SHARD_SIZE = "5GB"
 
 
 @dataclass
@@ -91,6 +101,14 @@ class PruneConfig:
     target_speedup: float | None = None
     """With --target-params: keep only search shapes whose Q4_K_M decodes at least this many times as fast as the
     teacher's Q4_K_M, measured on this machine (compress/speed.py; ~20 s per shape), then pick by calibration loss."""
+    probe_steps: int = 0
+    """With --target-params: distil each of the `probe_finalists` shapes with the lowest calibration loss for this many
+    steps from the unpruned model and choose by next-token loss after (compress/probe.py; loss right after the cut is a
+    weak predictor of quality after recovery). 0 = choose by calibration loss after the cut."""
+    probe_finalists: int = 3
+    """Shapes the --probe-steps probe distils (the best by calibration loss)."""
+    probe_lr: float = 2e-4
+    """AdamW learning rate of the probe (constant: a short probe has no room for a schedule)."""
     reconstruct: str = "none"
     """After the cut: none, or ls (refit each kept down_proj in closed form so the layer's output on calibration text
     stays closest to the unpruned one; compress/reconstruct.py). Off by default: on the demo's student it helps right after
@@ -137,6 +155,11 @@ class PruneConfig:
         for name in ("calib_windows", "calib_seq_len", "search_candidates", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"expected a positive integer, got {getattr(self, name)}")
+        if self.probe_steps < 0 or self.probe_finalists < 1 or self.probe_lr <= 0:
+            bad = "probe_steps" if self.probe_steps < 0 else "probe_finalists" if self.probe_finalists < 1 else "probe_lr"
+            raise ConfigError(bad, f"expected {'>= 0' if bad == 'probe_steps' else '> 0'}, got {getattr(self, bad)}")
+        if self.probe_steps and self.target_params is None:
+            raise ConfigError("probe_steps", "needs target_params: the probe ranks the shapes of that size")
         if self.reconstruct not in ("none", "ls"):
             raise ConfigError("reconstruct", f"expected none or ls, got {self.reconstruct!r}")
         if self.reconstruct_ridge <= 0:
@@ -445,14 +468,33 @@ def prune_state_dict(sd: dict, src: Dims, keep: Keep, rescale_norms: bool = True
                 t = t.index_select(0, hid)
                 if kind == "weight":
                     t = t.index_select(1, q if module == "self_attn.o_proj" else mlp)
-            elif module in ("input_layernorm", "post_attention_layernorm"):
+            elif module in ("input_layernorm", "post_attention_layernorm",  # Gemma 3 also normalises before and
+                            "pre_feedforward_layernorm", "post_feedforward_layernorm"):  # after the MLP
                 t = t.index_select(0, hid) * scale
+            elif module in ("self_attn.q_norm", "self_attn.k_norm"):  # Qwen3/Gemma 3: one [head_dim] norm for all heads
+                pass
             else:
                 raise EdgesmithError(f"tensor {key!r}: this architecture has weights pruning does not know how to couple")
             if kind == "weight" and t.dim() == 2 and module not in ("self_attn.o_proj", "mlp.down_proj"):
                 t = t.index_select(1, hid)  # input side = hidden
             out[f"model.layers.{new}.{name}"] = t.contiguous()
     return out
+
+
+PRUNABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+
+
+def fixed_hidden(config, src: Dims, want: dict, pin: bool = False) -> None:
+    """Gemma 3 keeps its hidden size: its RMSNorms scale by (1 + w), four per block, two of them on block outputs,
+    and its embeddings are multiplied by sqrt(hidden_size), so the Llama recipe (drop channels, rescale the norm
+    weights) does not carry over. Refuses a requested hidden size; `pin` fixes it for the --target-params search."""
+    if getattr(config, "model_type", None) != "gemma3_text":
+        return
+    if want.get("hidden_size") not in (None, src.hidden_size):
+        raise EdgesmithError(f"hidden-size pruning is not supported for Gemma 3 (hidden stays {src.hidden_size}); "
+                             "prune the MLP (--intermediate-size), query heads (--num-attention-heads) or layers (--num-layers)")
+    if pin:
+        want["hidden_size"] = src.hidden_size
 
 
 def new_config(config, src: Dims, tgt: Dims, keep: Keep):
@@ -490,6 +532,144 @@ def prune_model(model, keep: Keep, tgt: Dims, rescale_norms: bool = True):
     return build_model(model, sd, new_config(model.config, src, tgt, keep))
 
 
+# ---------------------------------------------------------------- writing the pruned checkpoint, shard by shard
+
+
+def checkpoint_dtype(hf_config: dict) -> str:
+    """The precision a checkpoint is stored in (config.json's dtype). bfloat16/float16 checkpoints are pruned and
+    written in it (an fp32 upcast would double the memory for nothing); anything else is float32."""
+    d = hf_config.get("dtype") or hf_config.get("torch_dtype")
+    return d if d in ("bfloat16", "float16") else "float32"
+
+
+def source_key(name: str, keep: Keep) -> str:
+    """Pruned key -> the source key it is cut from (decoder layers are renumbered: new i <- keep.layers[i])."""
+    if name.startswith("model.layers."):
+        i, rest = name[len("model.layers."):].split(".", 1)
+        return f"model.layers.{keep.layers[int(i)]}.{rest}"
+    return name
+
+
+def shard_plan(skeleton, dtype, max_shard_size=MAX_SHARD_SIZE):
+    """save_pretrained's own split of a model into safetensors files (huggingface_hub's: tensors in module order, a
+    tied copy left out by the model's _tied_weights_keys, a new file when the next tensor would pass max_shard_size),
+    planned on a meta-device skeleton, so nothing is materialised to plan it. Returns (split, {name: meta tensor})."""
+    import torch
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    sd = {k: torch.empty(v.shape, dtype=dtype, device="meta") for k, v in skeleton.state_dict().items()}
+    shared: dict = {}
+    for name, p in skeleton.named_parameters(remove_duplicate=False):
+        shared.setdefault(id(p), []).append(name)
+    patterns = getattr(skeleton, "_tied_weights_keys", None) or []
+    for names in shared.values():  # save_pretrained's rule: of names sharing one tensor, drop the declared tied ones
+        drop = [n for n in sorted(names) if any(re.search(pat, n) for pat in patterns)][: len(names) - 1]
+        for n in drop:
+            sd.pop(n, None)
+    split = split_torch_state_dict_into_shards(sd, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
+    return split, sd
+
+
+SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
+
+
+def safetensors_header(tensors: list, metadata: dict) -> tuple[bytes, list]:
+    """The header safetensors' save_file writes for `tensors` [(name, meta tensor)] of ONE dtype: tensors ordered by
+    name, data back to back in that order, compact JSON ({"__metadata__": ..., name: {dtype, shape, data_offsets}}) padded
+    with spaces to a multiple of 8 bytes, after its length as a little-endian u64. Returns (header bytes, names in
+    file order), so a file can be written one tensor at a time with the bytes save_file would produce."""
+    order = sorted(tensors, key=lambda nt: nt[0])
+    head, offset = {"__metadata__": metadata}, 0
+    for name, t in order:
+        n = t.numel() * t.element_size()
+        head[name] = {"dtype": SAFETENSORS_DTYPES[str(t.dtype).split(".")[1]], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    text = json.dumps(head, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text, [name for name, _ in order]
+
+
+def write_pruned(src_sd: dict, src: Dims, keep: Keep, config, model_cls, generation_config, dest: Path, dtype,
+                 rescale_norms: bool = True, grams=None, ridge: float = 0.01, sparsity: tuple | None = None,
+                 max_shard_size=MAX_SHARD_SIZE) -> dict:
+    """Write the pruned checkpoint into `dest` byte for byte as save_pretrained would (config.json,
+    generation_config.json, then model.safetensors, or shards + model.safetensors.index.json), one layer at a time:
+    each file's header is computed from the pruned shapes first, then every group of tensors (one decoder layer, or one
+    embedding/norm/head) is cut from `src_sd` by prune_state_dict, refit (grams: --reconstruct ls) and sparsified,
+    appended and freed. Source tensors leave `src_sd` as they are used (dropped layers at once), so memory stays near
+    one copy of the source model plus one layer. Returns {"params", "reconstruction": per-layer rows, "sparsity"}."""
+    import torch
+
+    from .importance import LINEARS
+    from .reconstruct import refit_layer
+
+    if str(dtype).split(".")[1] not in SAFETENSORS_DTYPES:
+        raise EdgesmithError(f"cannot write a pruned checkpoint in {dtype}")
+    with torch.device("meta"):  # shapes, key order, tying and parameter counts of the pruned model: no memory
+        skeleton = model_cls(config)
+    plan, metas = shard_plan(skeleton, dtype, max_shard_size)
+    # what save_pretrained records in config.json
+    config.dtype = str(dtype).split(".")[1]
+    config.architectures = [model_cls.__name__]
+    if skeleton.can_generate():
+        for k, v in config._get_non_default_generation_parameters().items():
+            setattr(generation_config, k, v)
+            setattr(config, k, None)
+    config.save_pretrained(dest)
+    if skeleton.can_generate():
+        generation_config.save_pretrained(dest)
+
+    needed = {source_key(n, keep) for names in plan.filename_to_tensors.values() for n in names}
+    for k in [k for k in src_sd if k not in needed]:  # dropped layers, a tied copy: free them before anything is cut
+        del src_sd[k]
+    linears = {f"{n}.weight" for n in LINEARS}
+    refits, zeros, total = {}, 0, 0
+
+    def group_of(name):  # tensors cut together: a decoder layer's, or a single top-level tensor
+        return name.split(".")[2] if name.startswith("model.layers.") else name
+
+    for fname, names in plan.filename_to_tensors.items():
+        header, order = safetensors_header([(n, metas[n]) for n in names], {"format": "pt"})
+        with open(dest / fname, "wb") as f:
+            f.write(header)
+            i = 0
+            while i < len(order):
+                j = i
+                while j < len(order) and group_of(order[j]) == group_of(order[i]):
+                    j += 1
+                group = order[i:j]  # sorted names keep a layer's tensors together ("layers.1." < "layers.10.")
+                sub = {source_key(n, keep): src_sd.pop(source_key(n, keep)) for n in group}
+                cut = prune_state_dict(sub, src, keep, rescale_norms)
+                if set(cut) != set(group):
+                    raise EdgesmithError(f"pruned tensors do not fit the pruned config ({sorted(set(cut) ^ set(group))[:3]})")
+                for n in group:
+                    layer, _, rest = n[len("model.layers."):].partition(".") if n.startswith("model.layers.") else ("", "", "")
+                    t = cut.pop(n)
+                    if grams is not None and rest == "mlp.down_proj.weight":
+                        new = int(layer)
+                        w_new, before, after = refit_layer(sub[source_key(n, keep)], grams[keep.layers[new]], keep.hidden,
+                                                           keep.mlp[new], ridge)
+                        t = w_new
+                        refits[new] = {"layer": keep.layers[new], "error_cut": round(before, 6), "error_refit": round(after, 6)}
+                    t = t.to(dtype).contiguous()
+                    if sparsity is not None and rest in linears:
+                        sparsify_(t, sparsity)
+                        zeros += int((t == 0).sum())
+                        total += t.numel()
+                    if tuple(t.shape) != tuple(metas[n].shape):
+                        raise EdgesmithError(f"pruned tensor {n}: shape {tuple(t.shape)}, the pruned config expects {tuple(metas[n].shape)}")
+                    f.write(t.view(torch.uint8).numpy().data if t.numel() else b"")
+                    del t
+                del sub, cut
+                i = j
+    if plan.is_sharded:  # the index exactly as save_pretrained writes it
+        index = {"metadata": {"total_parameters": skeleton.num_parameters(), **plan.metadata},
+                 "weight_map": plan.tensor_to_filename}
+        (dest / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return {"params": param_counts(skeleton), "reconstruction": [refits[i] for i in sorted(refits)] if grams is not None else None,
+            "sparsity": sparsity_summary(sparsity, zeros, total) if sparsity is not None else None}
+
+
 # ---------------------------------------------------------------- sparsity (dense storage)
 
 
@@ -507,21 +687,29 @@ def apply_sparsity(model, spec: tuple) -> dict:
         for layer in model.model.layers:
             for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
                         layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
-                w = lin.weight  # [out, in]
-                if spec[0] == "unstructured":
-                    k = int(w.shape[1] * spec[1])
-                    if k:
-                        idx = w.abs().topk(k, dim=1, largest=False).indices  # [out, k]
-                        w.scatter_(1, idx, 0.0)
-                else:
-                    n, m = spec[1], spec[2]
-                    if w.shape[1] % m:
-                        raise EdgesmithError(f"sparsity {n}:{m}: input width {w.shape[1]} is not a multiple of {m}")
-                    g = w.view(w.shape[0], -1, m)  # [out, in/m, m]
-                    idx = g.abs().topk(m - n, dim=2, largest=False).indices
-                    g.scatter_(2, idx, 0.0)
-                zeros += int((w == 0).sum())
-                total += w.numel()
+                sparsify_(lin.weight, spec)
+                zeros += int((lin.weight == 0).sum())
+                total += lin.weight.numel()
+    return sparsity_summary(spec, zeros, total)
+
+
+def sparsify_(w, spec: tuple) -> None:
+    """Zero the smallest |w| of one weight [out, in] in place, by apply_sparsity's rule."""
+    if spec[0] == "unstructured":
+        k = int(w.shape[1] * spec[1])
+        if k:
+            idx = w.abs().topk(k, dim=1, largest=False).indices  # [out, k]
+            w.scatter_(1, idx, 0.0)
+    else:
+        n, m = spec[1], spec[2]
+        if w.shape[1] % m:
+            raise EdgesmithError(f"sparsity {n}:{m}: input width {w.shape[1]} is not a multiple of {m}")
+        g = w.view(w.shape[0], -1, m)  # [out, in/m, m]
+        idx = g.abs().topk(m - n, dim=2, largest=False).indices
+        g.scatter_(2, idx, 0.0)
+
+
+def sparsity_summary(spec: tuple, zeros: int, total: int) -> dict:
     return {
         "pattern": "unstructured" if spec[0] == "unstructured" else f"{spec[1]}:{spec[2]}",
         "target": spec[1] if spec[0] == "unstructured" else 1 - spec[1] / spec[2],
@@ -665,8 +853,9 @@ def param_counts(model) -> dict:
     """Exact counts from the tensors (tied weights once), non-embedding as in `edgesmith info`."""
     seen, total = set(), 0
     for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
+        ptr = id(p) if p.device.type == "meta" else p.data_ptr()  # a meta skeleton has no storage to tell apart
+        if ptr not in seen:
+            seen.add(ptr)
             total += p.numel()
     c = model.config
     emb = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
@@ -701,7 +890,16 @@ def render_report(r: dict) -> str:
             fast = sum(1 for x in r["search"] if x["speedup"] >= r["config"]["target_speedup"])
             why += (f" among the {fast} reaching {r['config']['target_speedup']}x the teacher's Q4_K_M decode here "
                     f"({best['speedup']:.2f}x: {best['decode_tok_s']:.1f} vs {best['teacher_decode_tok_s']:.1f} tok/s)")
-        lines.append(f"search: {len(r['search'])} shapes evaluated, chose {best['dims']}: {why} ({best['calib_loss']:.3f})")
+        if best.get("chosen_by") == "probe_loss":
+            probed = [x for x in r["search"] if "probe_loss" in x]
+            lowest = min(r["search"], key=lambda x: x["calib_loss"])
+            why = (f"the lowest loss after {r['config']['probe_steps']} distillation steps among the {len(probed)} best right "
+                   f"after the cut ({best['probe_loss']:.3f}; right after the cut {best['calib_loss']:.3f}"
+                   + (", also the lowest)" if lowest is best else f", vs {lowest['calib_loss']:.3f} for {lowest['dims']})")
+                   + (f"; {best['speedup']:.2f}x the teacher's Q4_K_M decode here" if best.get("speedup") is not None else ""))
+            lines.append(f"search: {len(r['search'])} shapes evaluated, chose {best['dims']}: {why}")
+        else:
+            lines.append(f"search: {len(r['search'])} shapes evaluated, chose {best['dims']}: {why} ({best['calib_loss']:.3f})")
     for note in r["adjusted"]:
         lines.append(f"adjusted: {note}")
     if r.get("sparsity"):
@@ -721,26 +919,31 @@ def run(cfg: PruneConfig, quiet: bool = False) -> Path:
     import torch
 
     from edgesmith.facts import facts, width_warnings
+    from edgesmith.hfdir import read_hf_config
     from edgesmith.modelio import load_model, load_tokenizer, model_license, model_name, resolve
 
     t0 = time.perf_counter()
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     out = Path(cfg.out)
     src_dir = resolve(cfg.model)
-    model = load_model(cfg.model, dtype="float32")
+    dtype_name = checkpoint_dtype(read_hf_config(src_dir))  # a bf16 checkpoint stays bf16: in memory and on output
+    dtype = getattr(torch, dtype_name)
+    model = load_model(cfg.model, dtype=dtype_name)
     tok = load_tokenizer(cfg.model)
     src = Dims.of(model.config)
-    if getattr(model.config, "model_type", None) not in ("llama", "mistral", "qwen2"):
-        raise EdgesmithError(f"{src_dir}: pruning supports Llama, Mistral and Qwen2 decoders")
+    if getattr(model.config, "model_type", None) not in PRUNABLE_MODEL_TYPES:
+        raise EdgesmithError(f"{src_dir}: pruning supports Llama, Mistral, Qwen2, Qwen3 and Gemma 3 (text) decoders")
     if src.num_attention_heads % src.num_key_value_heads:
         raise EdgesmithError(f"{src_dir}: {src.num_attention_heads} heads do not split into {src.num_key_value_heads} kv groups")
     vocab, tied = model.config.vocab_size, bool(model.config.tie_word_embeddings)
     want, notes = requested_dims(cfg, src)
+    fixed_hidden(model.config, src, want, pin=bool(cfg.target_params))
     target = parse_count(cfg.target_params) if cfg.target_params else None
     if target is None and all(v is None for v in want.values()) and not cfg.sparsity:
         raise EdgesmithError("nothing to prune: give target sizes (e.g. --intermediate-size 1024), ratios "
                              "(--mlp-ratio 0.33), --target-params 90M or --sparsity")
-    check_free_space(out.parent if out.parent != Path("") else Path("."), 2 * sum(p.numel() * 4 for p in model.parameters()), "the pruned model")
+    check_free_space(out.parent if out.parent != Path("") else Path("."), 2 * sum(p.numel() * p.element_size() for p in model.parameters()),
+                     "the pruned model")
     seconds = {"load": time.perf_counter() - t0}
 
     # -- calibration data: needed by activation ranking, block influence (when layers go) and the search
@@ -766,7 +969,7 @@ def run(cfg: PruneConfig, quiet: bool = False) -> Path:
         source = "teacher-generated (the model's own sampled answers)"
         calib = pack(tok, texts, cfg.calib_seq_len, cfg.calib_windows)
         if len(calib) == 0:
-            raise EdgesmithError(f"the model wrote too little text for one calibration window; give --calib FILE")
+            raise EdgesmithError("the model wrote too little text for one calibration window; give --calib FILE")
     stats = None
     if need_data and calib is not None:
         from .importance import collect_stats
@@ -799,71 +1002,62 @@ def run(cfg: PruneConfig, quiet: bool = False) -> Path:
         allowed = list(range(len(search)))
         if cfg.target_speedup:
             allowed = speed_filter(cfg, model, tok, src_dir, cands, search, scores, layer_scores, out, say)
-        i = min(allowed, key=lambda j: search[j]["calib_loss"])
+        key = "calib_loss"
+        if cfg.probe_steps:  # the few best right after the cut, ranked by loss after a short distillation
+            from .probe import probe
+
+            n_eval = max(1, min(8, len(calib) // 2))
+            train_w, eval_w = calib[n_eval:] if len(calib) > n_eval else calib, calib[:n_eval]
+            for j in sorted(allowed, key=lambda j: search[j]["calib_loss"])[: cfg.probe_finalists]:
+                student = prune_model(model, plan_keep(scores, layer_scores, src, cands[j]), cands[j], cfg.rescale_norms)
+                search[j].update(probe(student, model, train_w, eval_w, cfg.probe_steps, cfg.probe_lr, cfg.batch_size, cfg.seed))
+                del student
+                say(f"  probe: {search[j]['dims']} -> loss {search[j]['probe_loss']:.3f} after {cfg.probe_steps} distillation "
+                    f"steps (KL {search[j]['probe_kl_first']:.3f} -> {search[j]['probe_kl_last']:.3f}, {search[j]['probe_seconds']:.0f} s)")
+            allowed, key = [j for j in allowed if "probe_loss" in search[j]], "probe_loss"
+        i = min(allowed, key=lambda j: search[j][key])
         search[i]["chosen"] = True
+        search[i]["chosen_by"] = key
         tgt = cands[i]
     else:
         tgt = fill_dims(src, want)
     keep = plan_keep(scores, layer_scores, src, tgt)
-    pruned = prune_model(model, keep, tgt, cfg.rescale_norms)
-    seconds["prune"] = time.perf_counter() - t
-    reconstruction = None
-    if cfg.reconstruct == "ls":
-        from .reconstruct import refit_down_proj
+    seconds["prune"] = time.perf_counter() - t  # the plan; the surgery itself happens while saving, shard by shard
 
-        t = time.perf_counter()
-        layers = refit_down_proj(pruned, sd, stats["down_gram"], keep, cfg.reconstruct_ridge)
-        mean = lambda k: sum(r[k] for r in layers) / len(layers)  # noqa: E731
-        reconstruction = {"method": "ls", "ridge": cfg.reconstruct_ridge, "layers": layers,
-                          "mean_error_cut": round(mean("error_cut"), 6), "mean_error_refit": round(mean("error_refit"), 6)}
-        say(f"reconstruct ls: down_proj output error on calibration text {mean('error_cut'):.4f} -> {mean('error_refit'):.4f} "
-            f"(mean over {len(layers)} layers, relative)")
-        seconds["reconstruct"] = time.perf_counter() - t
-
-    sparsity = apply_sparsity(pruned, parse_sparsity(cfg.sparsity)) if cfg.sparsity else None
-
-    # -- quality on held-out text
+    # -- the source's quality on held-out text, while it is in memory (the pruned model is measured from its files)
     t = time.perf_counter()
-    ppl = None
+    ppl_before = None
     if held_out is not None and len(held_out):
         say(f"perplexity on {len(held_out)} held-out windows ...")
-        ppl = {"before": held_out_perplexity(model, held_out), "after": held_out_perplexity(pruned, held_out),
-               "windows": len(held_out), "seq_len": cfg.calib_seq_len, "scored": "second half of each window (as edgesmith bench)",
-               "source": f"{source} (held-out 10% of rows)"}
+        ppl_before = held_out_perplexity(model, held_out)
     seconds["eval"] = time.perf_counter() - t
+    before = {"dims": dims_dict(src), "params": param_counts(model)}
+    new_cfg, gen_cfg, model_cls = new_config(model.config, src, tgt, keep), copy.deepcopy(model.generation_config), type(model)
+    new_cfg._name_or_path = f"{model_name(cfg.model)}-pruned"
+    grams = stats["down_gram"] if cfg.reconstruct == "ls" else None
+    # from here on the state dict is the only reference to the source weights: write_pruned frees them as it goes
+    src_sd = sd
+    del model, sd
+    gc.collect()
 
-    report = {
-        "model": cfg.model, "source_dir": str(src_dir), "out": str(out), "config": to_dict(cfg),
-        "before": {"dims": dims_dict(src), "params": param_counts(model)},
-        "after": {"dims": dims_dict(tgt), "params": param_counts(pruned)},
-        "adjusted": notes, "importance": cfg.importance, "layer_importance": cfg.layer_importance,
-        "calibration": calib_info, "search": search, "sparsity": sparsity, "perplexity": ppl, "reconstruction": reconstruction,
-        "layer_scores": [float(x) for x in layer_scores] if layer_ranked else None, "kept_layers": keep.layers,
-        "dropped_layers": [l for l in range(src.num_layers) if l not in keep.layers],
-        "per_layer": [
-            {"layer": l, "importance": float(layer_scores[l]) if layer_ranked else None, "kept": l in keep.layers,
-             "mlp_score_mean": float(scores.mlp[l].mean()), "head_scores": [float(x) for x in scores.heads[l]],
-             "kv_scores": [float(x) for x in scores.kv[l]]}
-            for l in range(src.num_layers)
-        ],
-        "kept_units": {
-            "hidden": keep.hidden,
-            "layers": [{"layer": l, "heads": h, "kv_heads": k, "mlp_channels": m}
-                       for l, h, k, m in zip(keep.layers, keep.heads, keep.kv, keep.mlp)],
-        },
-    }
-
-    # -- save: a plain HF checkpoint, atomically
+    # -- save: a plain HF checkpoint, atomically, shard by shard
     t = time.perf_counter()
-    from edgesmith.hfdir import read_hf_config
-
-    src_cfg = read_hf_config(src_dir)
-    save_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(src_cfg.get("dtype") or src_cfg.get("torch_dtype"))
     with atomic_dir(out) as tmp:
-        if save_dtype is not None:  # keep the source's storage precision
-            pruned = pruned.to(save_dtype)
-        pruned.config._name_or_path = f"{model_name(cfg.model)}-pruned"
-        pruned.save_pretrained(tmp, safe_serialization=True)
+        written = write_pruned(src_sd, src, keep, new_cfg, model_cls, gen_cfg, tmp, dtype, cfg.rescale_norms, grams=grams,
+                               ridge=cfg.reconstruct_ridge, sparsity=parse_sparsity(cfg.sparsity) if cfg.sparsity else None,
+                               max_shard_size=MAX_SHARD_SIZE)
+        del src_sd, grams
+        stats = None
+        gc.collect()
+        reconstruction = None
+        if cfg.reconstruct == "ls":
+            layers = written["reconstruction"]
+            mean = lambda k: sum(r[k] for r in layers) / len(layers)  # noqa: E731
+            reconstruction = {"method": "ls", "ridge": cfg.reconstruct_ridge, "layers": layers,
+                              "mean_error_cut": round(mean("error_cut"), 6), "mean_error_refit": round(mean("error_refit"), 6)}
+            say(f"reconstruct ls: down_proj output error on calibration text {mean('error_cut'):.4f} -> {mean('error_refit'):.4f} "
+                f"(mean over {len(layers)} layers, relative)")
+        sparsity = written["sparsity"]
         tok.save_pretrained(tmp)
         for extra in ("chat_template.jinja", "chat_template.json"):  # older tokenizers keep it beside
             if (src_dir / extra).is_file() and not (tmp / extra).exists():
@@ -873,8 +1067,40 @@ def run(cfg: PruneConfig, quiet: bool = False) -> Path:
             "license": model_license(src_dir),
             "note": "structured pruning by edgesmith; see prune_report.json",
         }, indent=2))
-        report["width_warnings"] = width_warnings(facts(tmp))
         seconds["save"] = time.perf_counter() - t
+
+        # -- the pruned model's quality, loaded from what was written (the source is gone by now)
+        t = time.perf_counter()
+        ppl = None
+        if ppl_before is not None:
+            pruned = load_model(str(tmp), dtype=dtype_name)
+            ppl = {"before": ppl_before, "after": held_out_perplexity(pruned, held_out),
+                   "windows": len(held_out), "seq_len": cfg.calib_seq_len, "scored": "second half of each window (as edgesmith bench)",
+                   "source": f"{source} (held-out 10% of rows)"}
+            del pruned
+        seconds["eval"] += time.perf_counter() - t
+
+        report = {
+            "model": cfg.model, "source_dir": str(src_dir), "out": str(out), "config": to_dict(cfg),
+            "before": before,
+            "after": {"dims": dims_dict(tgt), "params": written["params"]},
+            "adjusted": notes, "importance": cfg.importance, "layer_importance": cfg.layer_importance,
+            "calibration": calib_info, "search": search, "sparsity": sparsity, "perplexity": ppl, "reconstruction": reconstruction,
+            "layer_scores": [float(x) for x in layer_scores] if layer_ranked else None, "kept_layers": keep.layers,
+            "dropped_layers": [l for l in range(src.num_layers) if l not in keep.layers],
+            "per_layer": [
+                {"layer": l, "importance": float(layer_scores[l]) if layer_ranked else None, "kept": l in keep.layers,
+                 "mlp_score_mean": float(scores.mlp[l].mean()), "head_scores": [float(x) for x in scores.heads[l]],
+                 "kv_scores": [float(x) for x in scores.kv[l]]}
+                for l in range(src.num_layers)
+            ],
+            "kept_units": {
+                "hidden": keep.hidden,
+                "layers": [{"layer": l, "heads": h, "kv_heads": k, "mlp_channels": m}
+                           for l, h, k, m in zip(keep.layers, keep.heads, keep.kv, keep.mlp)],
+            },
+        }
+        report["width_warnings"] = width_warnings(facts(tmp))
         seconds["total"] = time.perf_counter() - t0
         report["seconds"] = seconds
         write_json(tmp / "prune_report.json", report)

@@ -36,19 +36,26 @@ def output_error(w, w_kept, gram, keep) -> float:
     return float(torch.einsum("oi,ij,oj->", a, g, a) / torch.einsum("oi,ij,oj->", w.double(), g, w.double()).clamp(min=1e-30))
 
 
+def refit_layer(w_src, gram, hidden, mlp, ridge: float):
+    """One layer: w_src [D, I] unpruned down_proj, gram [I, I], kept hidden rows and MLP channels ->
+    (W' [D', k] float64, relative output error with the plain cut, after the refit)."""
+    import torch
+
+    w = w_src.index_select(0, torch.as_tensor(hidden, dtype=torch.long))  # [out kept, I]
+    w_new = ridge_refit(w, gram, mlp, ridge)                              # [out kept, k]
+    before = output_error(w, w[:, torch.as_tensor(mlp)], gram, mlp)
+    return w_new, before, output_error(w, w_new, gram, mlp)
+
+
 def refit_down_proj(pruned, src_sd: dict, grams, keep, ridge: float) -> list[dict]:
     """Refit every kept layer's down_proj of `pruned` in place (keep: prune.Keep; grams: [L_src, I, I]).
     Returns per layer the relative output error with the plain cut and after the refit."""
     import torch
 
-    hid = torch.as_tensor(keep.hidden, dtype=torch.long)
     report = []
     for new, old in enumerate(keep.layers):
-        w = src_sd[f"model.layers.{old}.mlp.down_proj.weight"].index_select(0, hid)  # [out kept, I]
-        mlp = keep.mlp[new]
-        w_new = ridge_refit(w, grams[old], mlp, ridge)                    # [out kept, k]
-        before = output_error(w, w[:, torch.as_tensor(mlp)], grams[old], mlp)
-        after = output_error(w, w_new, grams[old], mlp)
+        w_new, before, after = refit_layer(src_sd[f"model.layers.{old}.mlp.down_proj.weight"], grams[old], keep.hidden,
+                                           keep.mlp[new], ridge)
         lin = pruned.model.layers[new].mlp.down_proj
         with torch.no_grad():
             lin.weight.copy_(w_new.to(lin.weight.dtype))

@@ -195,6 +195,9 @@ class DistillConfig:
     """Token positions per logits chunk (bounds the [chunk, vocab] memory)."""
     cache_teacher_topk: int = 0
     """Run the teacher once and cache its top-k log-probs per token on disk (0: run the teacher live)."""
+    teacher_dtype: str = "float32"
+    """Precision the teacher is held in when it runs during training: float32, or bfloat16 (half the memory; its logits
+    and hidden states are compared in float32)."""
     max_length: int = 512
     """Tokens per example / packed block."""
     packing: bool = True
@@ -245,6 +248,8 @@ class DistillConfig:
             raise ConfigError("chunk_size", f"expected >= 1, got {self.chunk_size}")
         if self.cache_teacher_topk < 0:
             raise ConfigError("cache_teacher_topk", f"expected >= 0, got {self.cache_teacher_topk}")
+        if self.teacher_dtype not in ("float32", "bfloat16"):
+            raise ConfigError("teacher_dtype", f"expected float32 or bfloat16, got {self.teacher_dtype!r}")
         if self.max_length < 8:
             raise ConfigError("max_length", f"expected >= 8, got {self.max_length}")
 
@@ -490,7 +495,7 @@ def heldout_text(cfg: DistillConfig) -> str:
 
 def load_data(cfg: DistillConfig):
     """(train_records, val_records, description) for cfg.data."""
-    from edgesmith.trainloop import load_split_records
+    from edgesmith.data import load_split_records
 
     if cfg.data.startswith("teacher:"):
         from .teacher_data import generate_corpus
@@ -510,6 +515,32 @@ def load_data(cfg: DistillConfig):
     return tr, va, {"kind": "file", "path": cfg.data}
 
 
+def lora_params(s, r: int) -> int:
+    """Trainable parameters of rank-r LoRA on every linear of a Llama-family layer (q, k, v, o, gate, up, down):
+    r x (in + out) each; k/v outputs taken as wide as q (an upper bound under GQA). s: trainloop.ModelShape."""
+    D, I = s.hidden, s.intermediate
+    return s.layers * r * (4 * 2 * D + 3 * (D + I))
+
+
+def check_memory_fits(cfg: DistillConfig, t_path: Path, s_path: Path, need_teacher: bool, processes: int = 1,
+                      available: int | None = None) -> str:
+    """The training's estimated peak (edgesmith.trainloop.training_memory) against MemAvailable: one line to print,
+    or an EdgesmithError naming the numbers and what would shrink them."""
+    from edgesmith.trainloop import ModelShape, check_memory, training_memory
+
+    student = ModelShape.of(s_path)
+    teacher = ModelShape.of(t_path) if need_teacher else None
+    trainable = lora_params(student, cfg.lora_r) if cfg.lora else student.params
+    parts = training_memory(student, trainable, cfg.train.batch_size, cfg.max_length, cfg.chunk_size,
+                            cfg.train.grad_checkpointing, teacher, 2 if cfg.teacher_dtype == "bfloat16" else 4,
+                            teacher_logits=cfg.data != "teacher" and not cfg.cache_teacher_topk)
+    hints = [h for h, on in (("train.grad_checkpointing=true", not cfg.train.grad_checkpointing),
+                             ("teacher_dtype=bfloat16", need_teacher and cfg.teacher_dtype != "bfloat16"),
+                             ("lora=true", not cfg.lora)) if on]
+    hints += [f"a smaller train.batch_size ({cfg.train.batch_size}) or max_length ({cfg.max_length})"]
+    return check_memory("distill", parts, "try " + ", ".join(hints), processes, available)
+
+
 def run(cfg: DistillConfig) -> Path:
     """Distil cfg.teacher into cfg.student; returns the output HF directory."""
     import torch
@@ -517,7 +548,8 @@ def run(cfg: DistillConfig) -> Path:
     from edgesmith import modelio
     from edgesmith.fsutil import ensure_writable_dir, save_files_into, write_json
     from edgesmith.hfdir import read_hf_config
-    from edgesmith.trainloop import encode_split, result_dict, train
+    from edgesmith.data import encode_split
+    from edgesmith.trainloop import result_dict, train
 
     if not cfg.student:
         raise EdgesmithError("distill: no --student given (an HF directory, e.g. the output of edgesmith prune)")
@@ -529,6 +561,11 @@ def run(cfg: DistillConfig) -> Path:
     from accelerate import PartialState
 
     device = PartialState().device  # this process's GPU under accelerate launch, else cpu
+    # refuse a run that cannot fit before the teacher writes a corpus or anything is loaded
+    use_blocks = cfg.block_weight > 0 or cfg.block_phase > 0
+    need_teacher = cfg.data != "teacher" or cfg.hidden_weight > 0 or use_blocks
+    if device.type == "cpu":
+        print(f"distill: {check_memory_fits(cfg, t_path, s_path, need_teacher, PartialState().num_processes)}")
     pad_id = s_tok.pad_token_id if s_tok.pad_token_id is not None else s_tok.eos_token_id
     cache = None
     if cfg.data == "teacher":
@@ -554,9 +591,8 @@ def run(cfg: DistillConfig) -> Path:
               f"{tr_counts['truncated']} truncated to {cfg.max_length})")
 
     # the teacher stays out of memory when the cache holds every target the loss needs
-    use_blocks = cfg.block_weight > 0 or cfg.block_phase > 0
-    need_teacher = cfg.data != "teacher" or cfg.hidden_weight > 0 or use_blocks
-    teacher = modelio.load_model(t_path, dtype="float32", device=str(device)).eval().requires_grad_(False) if need_teacher else None
+    teacher = (modelio.load_model(t_path, dtype=cfg.teacher_dtype, device=str(device)).eval().requires_grad_(False)
+               if need_teacher else None)
     student = modelio.load_model(s_path, dtype="float32")
     if teacher is not None and teacher.get_output_embeddings().weight.shape[0] != student.get_output_embeddings().weight.shape[0]:
         raise EdgesmithError(f"teacher and student output layers differ in vocabulary size "

@@ -48,15 +48,19 @@ class HFChat:
         eos = self.model.config.eos_token_id if eos is None else eos
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.sampling = model_sampling(resolve(spec))
+        self.raw = not self.tok.chat_template  # a base model: raw completion (see raw_prompt)
 
     def prompt_text(self, messages) -> str:
+        if self.raw:
+            return raw_prompt(messages)
         try:
             return self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except ValueError as e:  # transformers' "no chat template" is a property of the model, not a bug
             raise EdgesmithError(f"{self.spec}: {e}") from None
 
     def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False)  # the template already wrote bos etc.
+        # the template already wrote bos etc.; a raw prompt gets what the tokenizer adds (bos)
+        return self.tok.encode(text, add_special_tokens=self.raw)
 
     def decode(self, ids) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=True)
@@ -77,6 +81,12 @@ class HFChat:
 
     def close(self):
         self.model = None
+
+
+def raw_prompt(messages) -> str:
+    """The prompt of a model without a chat template: the last user message as is, what Ollama sends with the
+    exported Modelfile's `TEMPLATE {{ .Prompt }}` (no turns, no system prompt, no history)."""
+    return next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")
 
 
 def _probe_gguf(path: str) -> bool:
@@ -112,9 +122,7 @@ class GGUFChat:
         self.lm = GGUFLM(path, threads=threads or physical_threads(), n_ctx=MAX_NUM_CTX)
         self.n_ctx, self.path = MAX_NUM_CTX, path
         self.eos_ids = set(self.lm.eos_ids)
-        if not self.lm.chat_template:
-            self.close()
-            raise EdgesmithError(f"{path}: the GGUF has no chat template (tokenizer.chat_template)")
+        self.raw = not self.lm.chat_template  # a base model: raw completion (see raw_prompt)
         self.sampling = self.model_sampling()
 
     def model_sampling(self):
@@ -130,6 +138,8 @@ class GGUFChat:
     def prompt_text(self, messages) -> str:
         from .export.onnx import render_chat_template
 
+        if self.raw:
+            return raw_prompt(messages)
         return render_chat_template(self.lm.chat_template, messages, add_generation_prompt=True, special=self.lm.special)
 
     def encode(self, text: str) -> list[int]:
@@ -420,6 +430,10 @@ def cmd_chat(args) -> int:
         rng = np.random.default_rng(args.seed)  # seed None: fresh entropy, as Ollama's default seed -1
         print(f"edgesmith chat: {bot.label} through {bot.name}; sampling: {describe(s)}"
               + (f", seed {args.seed}" if args.seed is not None else ""), file=sys.stderr)
+        if getattr(bot, "raw", False):
+            print(f"edgesmith chat: warning: {bot.label} has no chat template (a base model): each prompt is completed "
+                  "as raw text, without turns, system prompt or history (as its Modelfile's TEMPLATE {{ .Prompt }})",
+                  file=sys.stderr)
         history = [{"role": "system", "content": args.system}] if args.system else []
         out = sys.stdout
         if args.prompt is not None:

@@ -13,6 +13,9 @@ Input layouts (auto-detected per file, or --format):
     text      {text} rows, or a .txt file (one record per blank-line-separated paragraph)
 Files: .json (a list or {"data": [...]}), .jsonl, .csv, .tsv, .parquet, .txt, or a directory saved with
 `datasets.Dataset.save_to_disk`. `--columns output=response,instruction=prompt` maps your column names.
+
+Records -> training examples (distill and finetune): `encode_split` renders each record, tokenises it with loss
+only on the assistant's tokens (`assistant_spans`), and optionally packs the examples into fixed-length blocks.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ FORMATS = ("auto", "alpaca", "sharegpt", "messages", "qa", "text")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
                   "function_call": "assistant", "observation": "tool", "tool": "tool", "function": "tool"}
 ROLES = ("system", "user", "assistant", "tool")
+IGNORE = -100  # label of tokens that carry no loss (prompt, padding)
 
 
 class RowError(EdgesmithError):
@@ -446,3 +450,135 @@ def register(sub) -> None:
     q.add_argument("--skip-bad", action="store_true", help="skip and report malformed rows instead of failing")
     q.set_defaults(func=cmd_prepare)
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
+
+
+# ---------------------------------------------------------------- records -> training examples (distill and finetune)
+
+
+def assistant_spans(record: dict, tokenizer) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant turns (content + end-of-turn).
+
+    Each assistant turn i spans from the end of render(messages[:i], add_generation_prompt=True) to the
+    end of render(messages[:i+1]) (trailing whitespace excluded): the chat template decides where the
+    answer starts, so the prompt and the role header carry no loss.
+    """
+    text = render(record, tokenizer)
+    msgs = record["messages"]
+    spans = []
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        head = render({**record, "messages": msgs[:i]}, tokenizer, add_generation_prompt=True) if i else None
+        upto = render({**record, "messages": msgs[:i + 1]}, tokenizer).rstrip()
+        if head is None or not text.startswith(upto) or not upto.startswith(head):
+            # template is not prefix-stable (e.g. it rewrites earlier turns): fall back to the content itself
+            start = text.rfind(m["content"])
+            if start < 0:
+                raise EdgesmithError("cannot locate an assistant turn in the rendered chat template")
+            spans.append((start, start + len(m["content"])))
+            continue
+        spans.append((len(head), len(upto)))
+    return text, spans
+
+
+def encode_record(record: dict, tokenizer, max_length: int, assistant_only: bool = True) -> tuple[dict, bool]:
+    """One record -> ({"input_ids", "labels"}, truncated?).
+
+    Conversations: rendered with the chat template; with assistant_only the labels are IGNORE except on
+    tokens whose first character lies inside an assistant span. Plain text: every token is a label.
+    """
+    if "text" in record and "messages" not in record:
+        text, spans = record["text"], None
+    elif assistant_only:
+        text, spans = assistant_spans(record, tokenizer)
+    else:
+            text, spans = render(record, tokenizer), None
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=spans is not None)
+    ids = list(enc["input_ids"])
+    if spans is None:
+        labels = list(ids)
+    else:
+        labels = [t if any(a <= s < b for a, b in spans) else IGNORE for t, (s, _e) in zip(ids, enc["offset_mapping"])]
+    truncated = len(ids) > max_length
+    return {"input_ids": ids[:max_length], "labels": labels[:max_length]}, truncated
+
+
+def encode_records(records: list[dict], tokenizer, max_length: int, assistant_only: bool = True) -> tuple[list[dict], dict]:
+    """Encode many records; drops those left with no label at all. Returns (examples, counts)."""
+    out, counts = [], {"records": len(records), "truncated": 0, "no_labels": 0, "tokens": 0, "label_tokens": 0}
+    for r in records:
+        ex, trunc = encode_record(r, tokenizer, max_length, assistant_only)
+        counts["truncated"] += int(trunc)
+        n_lab = sum(1 for x in ex["labels"][1:] if x != IGNORE)
+        if n_lab == 0:
+            counts["no_labels"] += 1
+            continue
+        counts["tokens"] += len(ex["input_ids"])
+        counts["label_tokens"] += n_lab
+        ex["index"] = len(out)
+        out.append(ex)
+    return out, counts
+
+
+def encode_split(train_recs: list[dict], val_recs: list[dict], tokenizer, max_length: int, packing: bool,
+                 assistant_only: bool) -> tuple[list[dict], dict, list[dict], dict]:
+    """Chat records -> (train examples, their counts, validation examples, their counts). With packing the examples
+    are concatenated into max_length blocks, so nothing is truncated per example."""
+    enc_len = 1 << 30 if packing else max_length
+    train_ex, tr_counts = encode_records(train_recs, tokenizer, enc_len, assistant_only)
+    val_ex, va_counts = encode_records(val_recs, tokenizer, enc_len, assistant_only) if val_recs else ([], {})
+    if packing:
+        train_ex = pack(train_ex, max_length)
+        val_ex = pack(val_ex, max_length) if val_ex else []
+    return train_ex, tr_counts, val_ex, va_counts
+
+
+def load_split_records(spec: str | Path, val_fraction: float = 0.05, seed: int = 0, fmt: str = "auto",
+                       columns: str | None = None, skip_bad: bool = False) -> tuple[list[dict], list[dict]]:
+    """(train_records, validation_records) from a prepared split directory (train.jsonl, validation.jsonl
+    from `edgesmith data prepare`) or any single file `edgesmith data` reads (a seeded val_fraction is held out)."""
+    p = Path(spec)
+    if p.is_dir() and (p / "train.jsonl").is_file():
+        train_recs, _ = read_records(p / "train.jsonl", fmt, columns, skip_bad)
+        val_recs: list[dict] = []
+        if (p / "validation.jsonl").is_file() and (p / "validation.jsonl").stat().st_size > 0:
+            val_recs, _ = read_records(p / "validation.jsonl", fmt, columns, skip_bad)
+        return [_strip(r) for r in train_recs], [_strip(r) for r in val_recs]
+    recs, _ = read_records(p, fmt, columns, skip_bad)
+    recs = [_strip(r) for r in recs]
+    order = list(range(len(recs)))
+    random.Random(seed).shuffle(order)
+    n_val = int(round(val_fraction * len(recs))) if len(recs) >= 20 else 0
+    return [recs[i] for i in order[n_val:]], [recs[i] for i in order[:n_val]]
+
+
+def _strip(rec: dict) -> dict:
+    """Keep only the record keys (prepared rows also carry text/n_tokens/source)."""
+    if "messages" in rec:
+        return {k: rec[k] for k in ("messages", "tools") if k in rec}
+    return {"text": rec["text"]}
+
+
+def pack(examples: list[dict], seq_len: int, eos_id: int | None = None) -> list[dict]:
+    """Concatenate examples (input_ids + labels) into blocks of exactly seq_len tokens.
+
+    Documents attend across their boundaries inside a block (plain packing, as in most recipes);
+    the first label of each document is masked so no token is predicted across a boundary.
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    for e in examples:
+        lab = list(e["labels"])
+        if ids and lab:
+            lab[0] = IGNORE
+        ids += list(e["input_ids"])
+        labels += lab
+    blocks = []
+    for s in range(0, len(ids) - seq_len + 1, seq_len):
+        blocks.append({"input_ids": ids[s:s + seq_len], "labels": labels[s:s + seq_len]})
+    rest = len(ids) % seq_len
+    if rest > 1:
+        blocks.append({"input_ids": ids[-rest:], "labels": labels[-rest:]})
+    for i, b in enumerate(blocks):
+        b["index"] = i
+    return blocks

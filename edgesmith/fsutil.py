@@ -21,6 +21,34 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{next(tempfile._get_candidate_names())}")
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (/proc), else by the set-and-restore idiom."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def public_mode(path: str | os.PathLike) -> None:
+    """Give `path` (and, for a directory, everything under it) the mode a plain open()/mkdir() would: 0666/0777 minus
+    the umask. Writers that go through a private temp file (safetensors' save_file, tempfile.mkstemp) leave 0600,
+    which the atomic rename would otherwise carry onto the final output."""
+    mask = _umask()
+    p = Path(path)
+    for f in [p, *p.rglob("*")] if p.is_dir() and not p.is_symlink() else [p]:
+        if f.is_symlink():
+            continue
+        mode = f.stat().st_mode & 0o777
+        want = (0o777 if f.is_dir() or mode & 0o111 else 0o666) & ~mask
+        if mode != want:
+            os.chmod(f, want)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds."""
@@ -31,6 +59,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         if not tmp.exists():
             raise EdgesmithError(f"{path}: nothing was written")
+        public_mode(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -73,6 +102,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        public_mode(tmp)
         old = None
         if path.exists():
             old = _tmp_name(path)
@@ -167,6 +197,7 @@ def save_files_into(out: Path, write, tmp_name: str = ".save-tmp") -> None:
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     write(tmp)
+    public_mode(tmp)
     for f in tmp.iterdir():
         f.replace(Path(out) / f.name)
     tmp.rmdir()

@@ -7,8 +7,10 @@ from pathlib import Path
 
 from .errors import EdgesmithError
 
-# Llama-family decoders: same block structure (RMSNorm, RoPE attention with GQA, SwiGLU MLP).
-SUPPORTED_MODEL_TYPES = {"llama": "Llama / SmolLM", "mistral": "Mistral", "qwen2": "Qwen2"}
+# Llama-family decoders: same block structure (RMSNorm, RoPE attention with GQA, gated MLP); Qwen3 adds per-head
+# q/k norms, Gemma 3 (text) those plus post-attention/post-MLP norms, sliding-window layers and GELU-tanh.
+SUPPORTED_MODEL_TYPES = {"llama": "Llama / SmolLM", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3",
+                         "gemma3_text": "Gemma 3 (text)"}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 

@@ -110,7 +110,9 @@ def check_tokenizer_metadata(gguf_path: Path, hf_dir: Path) -> dict:
                             "tokenizer.ggml.token_type", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
                             "tokenizer.chat_template") if s.get(k) == f.get(k)]
         checks["matches_source_gguf"] = len(same) == 8
-    checks["ok"] = bool(checks["pre_tokenizer"] not in (None, "default") and all(
+    # a byte-level BPE vocabulary needs a named pre-tokenizer; SentencePiece ("llama": Gemma, Llama 2) has none
+    named_pre = checks["tokenizer_model"] == "llama" or checks["pre_tokenizer"] not in (None, "default")
+    checks["ok"] = bool(named_pre and all(
         v for k, v in checks.items() if k.endswith("_hf") or k == "matches_source_gguf"))
     return checks
 

@@ -164,7 +164,20 @@ def gguf_metadata(hf_dir: Path, name: str, source_model: str | None = None, reci
     eot = _end_of_turn_id(hf_dir)
     if eot is not None:
         extra["tokenizer.ggml.eot_token_id"] = _kv(int(eot))
+    extra.update(_layer_kinds(_read_json(hf_dir / "config.json")))
     return meta, extra
+
+
+def _layer_kinds(cfg: dict) -> dict[str, list]:
+    """Gemma 3's per-layer attention kinds and local rope base, explicit: llama.cpp otherwise assumes its 5 sliding :
+    1 full pattern by position, which a depth-pruned model (layer_types cut with the layers) no longer follows."""
+    types = cfg.get("layer_types")
+    if cfg.get("model_type") != "gemma3_text" or not isinstance(types, list) or not types or not cfg.get("sliding_window"):
+        return {}
+    out = {"gemma3.attention.sliding_window_pattern": ["array", [t == "sliding_attention" for t in types]]}
+    if isinstance(cfg.get("rope_local_base_freq"), (int, float)):
+        out["gemma3.rope.freq_base_swa"] = ["float32", float(cfg["rope_local_base_freq"])]
+    return out
 
 
 def _end_of_turn_id(hf_dir: Path) -> int | None:

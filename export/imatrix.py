@@ -38,7 +38,8 @@ def compute_imatrix(hf_dir: Path, calib: Path, out_path: Path, chunk: int = IMAT
     n = min(max_chunks, len(ids) // step)
     if n < 1:
         raise EdgesmithError(f"{calib}: calibration text too short: {len(ids)} tokens, need at least {step}")
-    arch = {"llama": gguf.MODEL_ARCH.LLAMA, "mistral": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}[model.config.model_type]
+    arch = {"llama": gguf.MODEL_ARCH.LLAMA, "mistral": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2,
+            "qwen3": gguf.MODEL_ARCH.QWEN3, "gemma3_text": gguf.MODEL_ARCH.GEMMA3}[model.config.model_type]
     names = gguf.get_tensor_name_map(arch, model.config.num_hidden_layers)
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}

@@ -479,7 +479,11 @@ def modelfile_text(gguf_name: str, hf_dir: Path, quant: str) -> tuple[str, dict]
              f"FROM {_quote_or_fail('./' + gguf_name, 'FROM path')}"]
     go = None
     if not tpl:
-        reason = "the model has no chat template"
+        # a base model: Ollama gets the prompt as is (raw completion), said in the file and in export.json
+        lines += ["# the model has no chat template (a base model): the prompt is passed through unchanged, a raw",
+                  "# text completion without turns, system prompt or history", "TEMPLATE {{ .Prompt }}"]
+        checks["template"] = "pass-through {{ .Prompt }} (the model has no chat template)"
+        reason = None
     else:
         try:
             go, notes = jinja_to_go(tpl, special_strings(cfg))
@@ -487,7 +491,9 @@ def modelfile_text(gguf_name: str, hf_dir: Path, quant: str) -> tuple[str, dict]
             checks["template_notes"] = notes
         except Untranslatable as e:
             reason = f"chat template not translatable to Go ({e})"
-    if go is not None and quote_value(go) is not None:
+    if not tpl:
+        pass  # the pass-through TEMPLATE is written above
+    elif go is not None and quote_value(go) is not None:
         lines.append(f"TEMPLATE {quote_value(go)}")
         checks["template"] = "translated from the Jinja chat template"
     else:

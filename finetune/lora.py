@@ -136,7 +136,8 @@ def run(cfg: FinetuneConfig) -> Path:
 
     from edgesmith import modelio
     from edgesmith.fsutil import ensure_writable_dir, save_files_into, write_json
-    from edgesmith.trainloop import encode_split, load_split_records, result_dict, train
+    from edgesmith.data import encode_split, load_split_records
+    from edgesmith.trainloop import result_dict, train
 
     if not cfg.data:
         raise EdgesmithError("finetune: no --data given (a prepared split directory or a data file)")

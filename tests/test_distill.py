@@ -450,3 +450,51 @@ def test_gqa_attention_for_sampling_changes_nothing_but_speed(tiny_factory):
         assert a["ids"] == b["ids"]
         assert abs(a["logp"].astype("float32") - b["logp"].astype("float32")).max() < 1e-2
     assert not use_gqa_attention(load_model(tiny_factory("mha", hidden=64, heads=4, kv_heads=4, layers=1)))
+
+
+# ---------------------------------------------------------------- memory estimate (issue 20)
+
+
+def test_memory_estimate_parts_and_what_shrinks_them():
+    from edgesmith.trainloop import ModelShape, training_memory
+
+    s = ModelShape(params=1_000_000_000, layers=16, hidden=2048, intermediate=8192, vocab=49152)
+    full = training_memory(s, s.params, batch=4, seq_len=512, chunk=128, teacher=s)
+    assert full["student weights"] == 4e9 and full["gradients"] == 4e9 and full["AdamW states"] == 8e9
+    assert full["teacher weights"] == 4e9
+    ckpt = training_memory(s, s.params, batch=4, seq_len=512, chunk=128, grad_checkpointing=True, teacher=s, teacher_bytes=2)
+    assert ckpt["teacher weights"] == 2e9 and ckpt["activations"] < full["activations"] / 4
+    lora = training_memory(s, 10_000_000, batch=4, seq_len=512, chunk=128)
+    assert "teacher weights" not in lora and lora["AdamW states"] == 8e7
+
+
+def test_distill_refuses_up_front_when_the_estimate_exceeds_available_memory(tiny_factory, tmp_path, monkeypatch, capsys):
+    """With MemAvailable (faked) below the estimate the stage stops before loading anything: one line naming the
+    estimate, its parts, the available memory and what to change; exit code 2."""
+    from edgesmith import trainloop
+    from edgesmith.cli import main
+
+    t_dir, s_dir = _models(tiny_factory)
+    monkeypatch.setattr(trainloop, "mem_available", lambda: 50 * 2**20)  # 50 MiB: below the runtime alone
+    rc = main(["distill", "--teacher", str(t_dir), "--student", str(s_dir), "--data", str(_data(tmp_path)),
+               "--out", str(tmp_path / "o"), "--max-length", "32"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert "distill: estimated peak memory" in err and "exceeds the 0.0 GiB available (MemAvailable)" in err
+    assert "student weights" in err and "teacher weights" in err and "teacher_dtype=bfloat16" in err
+    assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
+def test_teacher_in_bf16(tiny_factory, tmp_path, monkeypatch):
+    from edgesmith.distill.distill import DistillConfig, run
+    from edgesmith.trainloop import TrainConfig
+
+    monkeypatch.setenv("EDGESMITH_CACHE", str(tmp_path / "cache"))
+    t_dir, s_dir = _models(tiny_factory)
+    out = run(DistillConfig(teacher=str(t_dir), student=str(s_dir), data=str(_data(tmp_path)), max_length=32, val_fraction=0.0,
+                            teacher_dtype="bfloat16", out=str(tmp_path / "a"),
+                            train=TrainConfig(lr=1e-2, max_steps=4, warmup_steps=1, batch_size=4, progress=False)))
+    losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < losses[0]
+    with pytest.raises(ConfigError, match="teacher_dtype"):
+        DistillConfig(teacher_dtype="float16")

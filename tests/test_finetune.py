@@ -7,7 +7,7 @@ import json
 import pytest
 
 from edgesmith.errors import ConfigError, EdgesmithError
-from edgesmith.trainloop import IGNORE, encode_record
+from edgesmith.data import IGNORE, encode_record
 
 
 def _tok(path):
@@ -54,7 +54,7 @@ def test_loss_only_on_assistant_tokens_exactly(tokenizer_dir):
 
 
 def test_truncation_is_counted_and_plain_text_trains_every_token(tokenizer_dir):
-    from edgesmith.trainloop import encode_records
+    from edgesmith.data import encode_records
 
     tok = _tok(tokenizer_dir)
     long = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "word " * 200}]}

@@ -310,6 +310,43 @@ def test_target_speedup_keeps_only_fast_enough_shapes(tiny_factory, tmp_path, mo
         PruneConfig(target_speedup=1.4)
 
 
+def test_probe_ranks_finalists_by_loss_after_short_distillation(tiny_factory, tmp_path):
+    """--probe-steps: the best shapes right after the cut are each distilled a few steps from the unpruned model and the
+    lowest loss after wins; the probe learns (KL falls), leaves the source untouched and the report says why."""
+    import torch
+
+    from edgesmith.compress.probe import probe
+    from edgesmith.compress.prune import plan_keep, prune_model, render_report
+
+    src_dir = tiny_factory("tiny", **dict(GQA, tie=True))
+    teacher = load_model(str(src_dir))
+    total = count_params(Dims.of(teacher.config), 49152, True)[0]
+    common = dict(model=str(src_dir), target_params=str(total - 60_000), calib=str(_calib(tmp_path)), calib_windows=6,
+                  calib_seq_len=32, eval_windows=0, search_candidates=3, round_to=32)
+    out = run(PruneConfig(**common, out=str(tmp_path / "p"), probe_steps=4, probe_finalists=2, probe_lr=1e-3), quiet=True)
+    r = json.loads((out / "prune_report.json").read_text())
+    probed = [s for s in r["search"] if "probe_loss" in s]
+    by_calib = sorted(r["search"], key=lambda s: s["calib_loss"])
+    assert len(probed) == min(2, len(r["search"])) and all(s in by_calib[:2] for s in probed)
+    chosen = [s for s in r["search"] if s["chosen"]][0]
+    assert chosen["chosen_by"] == "probe_loss" and chosen["probe_loss"] == min(s["probe_loss"] for s in probed)
+    assert f"the lowest loss after 4 distillation steps among the {len(probed)} best right after the cut" in render_report(r)
+
+    # the probe itself: KL to the teacher falls over its steps, and the teacher's weights do not move
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    src = Dims.of(teacher.config)
+    d = Dims(src.num_layers - 1, src.hidden_size, src.intermediate_size // 2, src.num_attention_heads, src.num_key_value_heads, src.head_dim)
+    scores = magnitude_scores(teacher.state_dict(), src)
+    student = prune_model(teacher, plan_keep(scores, torch.arange(src.num_layers, dtype=torch.float), src, d), d)
+    torch.manual_seed(0)
+    windows = torch.randint(0, 49152, (6, 32))
+    res = probe(student, teacher, windows[2:], windows[:2], steps=8, lr=3e-3, batch_size=4)
+    assert res["probe_kl_last"] < res["probe_kl_first"] and res["probe_loss"] > 0
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    with pytest.raises(ConfigError, match="probe_steps.*needs target_params"):
+        PruneConfig(probe_steps=5)
+
+
 @pytest.mark.slow
 def test_target_speedup_times_real_q4km_exports(tiny_factory, tmp_path):
     src_dir = tiny_factory("tiny", **dict(GQA, tie=True))
@@ -320,3 +357,92 @@ def test_target_speedup_times_real_q4km_exports(tiny_factory, tmp_path):
     r = json.loads((out / "prune_report.json").read_text())
     assert all(s["decode_tok_s"] > 0 and s["teacher_decode_tok_s"] > 0 and s["file_mb"] > 0 for s in r["search"])
     assert not list(tmp_path.glob(".speed-*"))  # scratch exports removed
+
+
+# ---------------------------------------------------------------- memory-bounded writing (issue 20)
+
+
+def test_shard_by_shard_write_equals_save_pretrained_of_in_memory_pruning(tiny_factory, tmp_path):
+    """write_pruned (source read from several shards, pruned tensor by tensor, written shard by shard) produces the
+    very files save_pretrained writes for the in-memory pruned model: same shards, index, config, bytes."""
+    from edgesmith.compress.prune import new_config, write_pruned
+
+    model = load_model(str(tiny_factory("src", **dict(GQA, tie=True))))
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="300KB")
+    assert len(list((tmp_path / "sharded").glob("model-*-of-*.safetensors"))) > 3
+    src = Dims.of(model.config)
+    tgt = AXES["all"](src)
+    keep = plan_keep(random_scores(model.state_dict(), src, seed=3), torch.rand(src.num_layers), src, tgt)
+    ref = prune_model(model, keep, tgt)
+    ref.save_pretrained(tmp_path / "ref", max_shard_size="300KB")
+
+    sharded = load_model(str(tmp_path / "sharded"))
+    sd = dict(sharded.state_dict())
+    (tmp_path / "stream").mkdir()
+    info = write_pruned(sd, src, keep, new_config(sharded.config, src, tgt, keep), type(sharded),
+                        copy.deepcopy(sharded.generation_config), tmp_path / "stream", torch.float32, max_shard_size="300KB")
+    names = sorted(p.name for p in (tmp_path / "ref").iterdir())
+    assert "model.safetensors.index.json" in names and len(names) > 4
+    assert sorted(p.name for p in (tmp_path / "stream").iterdir()) == names
+    for n in names:
+        assert (tmp_path / "stream" / n).read_bytes() == (tmp_path / "ref" / n).read_bytes(), n
+    assert not sd  # every source tensor was handed over (freed) as it was used
+    assert info["params"]["total"] == sum(p.numel() for p in ref.parameters())
+
+
+def test_bf16_checkpoint_stays_bf16_sharded_with_plain_permissions(tiny_factory, tmp_path, monkeypatch):
+    """A bf16 source is pruned in bf16 (no fp32 copy): the output is bf16, sharded past MAX_SHARD_SIZE like
+    save_pretrained, its weights are exactly the source's kept rows/columns, its files 0644 under umask 022, and the
+    held-out perplexity after pruning is measured on the model loaded back from those shards."""
+    import os
+
+    from safetensors import safe_open
+
+    from edgesmith.compress import prune as P
+
+    src_dir = tiny_factory("bf16", **dict(GQA, tie=False), dtype="bfloat16")
+    monkeypatch.setattr(P, "MAX_SHARD_SIZE", "2MB")
+    old = os.umask(0o022)
+    try:
+        out = run(PruneConfig(model=str(src_dir), out=str(tmp_path / "p"), intermediate_size=160, num_layers=2,
+                              calib=str(_calib(tmp_path)), calib_windows=4, calib_seq_len=32, eval_windows=2, round_to=32),
+                  quiet=True)
+    finally:
+        os.umask(old)
+    shards = sorted(out.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1 and (out / "model.safetensors.index.json").is_file() and not (out / "model.safetensors").exists()
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    weights = {}
+    for f in shards:
+        with safe_open(str(f), "pt") as st:
+            weights.update({k: st.get_tensor(k) for k in st.keys()})
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+    r = json.loads((out / "prune_report.json").read_text())
+    source = load_model(str(src_dir), dtype="bfloat16").state_dict()
+    for new, kept in enumerate(r["kept_units"]["layers"]):
+        want = source[f"model.layers.{kept['layer']}.mlp.up_proj.weight"][kept["mlp_channels"]]
+        assert torch.equal(weights[f"model.layers.{new}.mlp.up_proj.weight"], want)
+    assert r["perplexity"]["after"] > 0 and r["after"]["params"]["total"] == sum(t.numel() for t in weights.values())
+    modes = {f.name: oct(f.stat().st_mode & 0o777) for f in out.iterdir()}
+    assert set(modes.values()) == {"0o644"}, modes
+
+
+def test_atomic_outputs_get_plain_permissions(tmp_path):
+    """Writers that go through private temp files (safetensors, mkstemp: 0600) end up 0666 minus the umask."""
+    import os
+    import tempfile
+
+    from edgesmith.fsutil import atomic_dir, atomic_path
+
+    old = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "d") as tmp:
+            fd, name = tempfile.mkstemp(dir=tmp)
+            os.close(fd)
+        with atomic_path(tmp_path / "f") as tmp:
+            fd = os.open(tmp, os.O_CREAT | os.O_WRONLY, 0o600)
+            os.close(fd)
+    finally:
+        os.umask(old)
+    assert oct((tmp_path / "d" / Path(name).name).stat().st_mode & 0o777) == "0o644"
+    assert oct((tmp_path / "f").stat().st_mode & 0o777) == "0o644"

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from edgesmith.errors import ConfigError
-from edgesmith.trainloop import (IGNORE, TrainConfig, collate, epoch_order, global_batch_indices, lr_at, pack,
-                                 parse_duration)
+from edgesmith.data import IGNORE, pack
+from edgesmith.trainloop import TrainConfig, collate, epoch_order, global_batch_indices, lr_at, parse_duration
 
 REPO = Path(__file__).resolve().parents[1]
 

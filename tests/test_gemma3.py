@@ -1,0 +1,224 @@
+"""Gemma 3 and Qwen3 beyond Llama, on tiny random configs (milliseconds): pruning MLP channels, query heads and
+whole layers is exact (pruned logits == the original's with the removed units zeroed) with Gemma 3's four norms
+per block, per-head q/k norms and sliding-window layer types cut with the layers; hidden pruning is refused for
+Gemma 3; a SentencePiece tokenizer that disagrees with llama.cpp is refused; a tiny Gemma 3 exports to an F16
+GGUF whose llama.cpp logits equal HF's. The real Gemma 3 270M end to end is in tests/test_gemma3_real.py."""
+from __future__ import annotations
+
+import copy
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from edgesmith.compress.importance import Dims, magnitude_scores
+from edgesmith.compress.prune import PruneConfig, plan_keep, prune_model, run
+from edgesmith.errors import EdgesmithError
+
+TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=7, num_attention_heads=4,
+            num_key_value_heads=1, head_dim=32, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+            pad_token_id=2, tie_word_embeddings=True)
+
+
+def tiny_gemma3(seed: int = 0, **kw):
+    """A random Gemma 3 text model: 7 layers (5 sliding : 1 full, then sliding), window 4, 4 query heads on one
+    KV head, GELU-tanh, q/k norms, norms that scale by (1 + w) (randomised, so the +1 matters)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(**{**TINY, "sliding_window": 4, "query_pre_attn_scalar": 32, "rms_norm_eps": 1e-6, **kw})
+    m = Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "norm" in n:
+                p.normal_(0, 0.3)
+    return m
+
+
+def tiny_qwen3(seed: int = 0):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(**{**TINY, "num_hidden_layers": 3, "num_attention_heads": 6, "num_key_value_heads": 2,
+                         "rms_norm_eps": 1e-6})
+    m = Qwen3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+    return m
+
+
+def _masked(model, keep, src: Dims):
+    """The original with every removed unit zeroed where it writes: MLP channels (down_proj columns), query heads
+    (o_proj columns), layers (o_proj and down_proj: Gemma's post-norms map a zero block output to zero)."""
+    m = copy.deepcopy(model)
+    hd = src.head_dim
+    with torch.no_grad():
+        for l, layer in enumerate(m.model.layers):
+            o, down = layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight
+            if l not in keep.layers:
+                o.zero_()
+                down.zero_()
+                continue
+            i = keep.layers.index(l)
+            down[:, [j for j in range(src.intermediate_size) if j not in keep.mlp[i]]] = 0
+            for h in range(src.num_attention_heads):
+                if h not in keep.heads[i]:
+                    o[:, h * hd:(h + 1) * hd] = 0
+    return m
+
+
+AXES = {"mlp": dict(intermediate_size=64), "heads": dict(num_attention_heads=2), "layers": dict(num_layers=4),
+        "all": dict(intermediate_size=64, num_attention_heads=2, num_layers=4)}
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen3"])
+@pytest.mark.parametrize("axis", list(AXES))
+def test_surgery_is_exact(family, axis):
+    model = tiny_gemma3() if family == "gemma3" else tiny_qwen3()
+    src = Dims.of(model.config)
+    want = AXES[axis]
+    if family == "qwen3" and "num_layers" in want:
+        want = {**want, "num_layers": 2}
+    if family == "qwen3" and "num_attention_heads" in want:
+        want = {**want, "num_attention_heads": 4}  # 2 of 3 query heads in each of the 2 groups
+    tgt = Dims(want.get("num_layers", src.num_layers), src.hidden_size, want.get("intermediate_size", src.intermediate_size),
+               want.get("num_attention_heads", src.num_attention_heads), src.num_key_value_heads, src.head_dim)
+    scores = magnitude_scores(model.state_dict(), src)
+    layer_scores = torch.arange(src.num_layers, 0, -1).float()  # keep the first layers: drops the full-attention one
+    if family == "gemma3":
+        layer_scores[5] = 100.0  # ... but keep layer 5 (full attention) and drop sliding ones after it
+    keep = plan_keep(scores, layer_scores, src, tgt)
+    pruned = prune_model(model, keep, tgt)
+    ids = torch.randint(0, 49152, (2, 12))  # longer than the sliding window of 4: layer types matter
+    with torch.no_grad():
+        got = pruned(ids).logits
+        ref = _masked(model, keep, src)(ids).logits
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
+    c = pruned.config
+    assert (c.num_hidden_layers, c.intermediate_size, c.num_attention_heads, c.head_dim) == \
+        (tgt.num_layers, tgt.intermediate_size, tgt.num_attention_heads, src.head_dim)
+    if getattr(model.config, "layer_types", None):
+        assert c.layer_types == [model.config.layer_types[i] for i in keep.layers]
+    if family == "gemma3" and "num_layers" in want:
+        assert "full_attention" in c.layer_types and len(c.layer_types) == 4
+
+
+def _save_tiny(model, dest, tokenizer_dir):
+    from transformers import GenerationConfig
+
+    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model.save_pretrained(dest, safe_serialization=True)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, dest / f.name)
+    return dest
+
+
+def test_gemma3_hidden_pruning_is_refused_other_axes_run(tmp_path, tokenizer_dir):
+    d = _save_tiny(tiny_gemma3(), tmp_path / "g3", tokenizer_dir)
+    with pytest.raises(EdgesmithError, match="hidden-size pruning is not supported for Gemma 3"):
+        run(PruneConfig(model=str(d), out=str(tmp_path / "h"), hidden_size=32, importance="magnitude"), quiet=True)
+    out = run(PruneConfig(model=str(d), out=str(tmp_path / "p"), intermediate_size=64, num_layers=6,
+                          importance="magnitude", layer_importance="magnitude", round_to=32), quiet=True)
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(out)
+    assert c.model_type == "gemma3_text" and c.intermediate_size == 64 and len(c.layer_types) == 6 == c.num_hidden_layers
+
+
+def test_disagreeing_sentencepiece_tokenizer_is_refused(monkeypatch):
+    from edgesmith import gguf_to_hf
+
+    monkeypatch.setattr(gguf_to_hf, "tokenizer_disagreements", lambda p, tok, texts, isolated=True: [("Hello", [1, 2], [3])])
+    with pytest.raises(EdgesmithError) as e:
+        gguf_to_hf.check_tokenizer("m.gguf", None, ["Hello", "x"])
+    msg = str(e.value)
+    assert "\n" not in msg and "disagrees with llama.cpp's on 1 of 2" in msg and "refusing" in msg
+
+
+def test_tiny_gemma3_f16_gguf_logits_equal_hf(tmp_path, tokenizer_dir):
+    """llama.cpp's converter on a Gemma 3 HF directory (norms stored +1, layer types as llama.cpp's sliding-window
+    pattern): the F16 GGUF's logits equal HF's on a sequence longer than the window, also after depth pruning
+    (a layer-type sequence llama.cpp's default 5:1 pattern would get wrong)."""
+    from edgesmith import llamacpp
+    from edgesmith.export.gguf_convert import convert
+    from edgesmith.native import run_isolated
+
+    model = tiny_gemma3(seed=1)
+    src = Dims.of(model.config)
+    tgt = Dims(5, src.hidden_size, src.intermediate_size, src.num_attention_heads, 1, src.head_dim)
+    layer_scores = torch.tensor([1.0, 7, 6, 5, 4, 9, 8])  # drops layers 0 and 4: types S S S F S
+    pruned = prune_model(model, plan_keep(magnitude_scores(model.state_dict(), src), layer_scores, src, tgt), tgt)
+    assert pruned.config.layer_types == ["sliding_attention"] * 3 + ["full_attention", "sliding_attention"]
+    ids = [1] + torch.randint(3, 49152, (15,), generator=torch.Generator().manual_seed(0)).tolist()
+    for name, m in (("orig", model), ("pruned", pruned)):
+        d = _save_tiny(m, tmp_path / name, tokenizer_dir)
+        g = convert(d, tmp_path / f"{name}.gguf", "F32")
+        ref = run_isolated(llamacpp.logits, str(g), ids, what="llama.cpp")
+        with torch.no_grad():
+            hf = m(torch.tensor([ids])).logits[0].numpy()
+        assert np.abs(ref - hf).max() < 1e-3 * max(1.0, np.abs(hf).max()), name
+
+
+def _no_template_dir(tmp_path, tokenizer_dir):
+    """A tiny Gemma 3 without a chat template (a base model): SmolLM2's tokenizer minus its template."""
+    import json
+
+    d = _save_tiny(tiny_gemma3(), tmp_path / "base", tokenizer_dir)
+    (d / "chat_template.jinja").unlink(missing_ok=True)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def test_base_model_modelfile_passes_the_prompt_through(ollama, tmp_path, tokenizer_dir):
+    from edgesmith.export.ollama import write_modelfile
+
+    d = _no_template_dir(tmp_path, tokenizer_dir)
+    entry = write_modelfile(tmp_path / "m-F16.gguf", d, tmp_path / "Modelfile.F16", "F16")
+    text = (tmp_path / "Modelfile.F16").read_text()
+    assert "TEMPLATE {{ .Prompt }}" in text and "no chat template" in text and "pass-through" in entry["checks"]["template"]
+    assert ("template", "{{ .Prompt }}") in ollama.parse(text)
+    for prompt in ("The capital of France is", "naïve {{ text }} \"\"\" with\nnewlines"):
+        assert ollama.chat_prompt(text, [{"role": "user", "content": prompt}]) == prompt
+
+
+def test_chat_on_a_base_model_warns_and_completes_raw_text(tmp_path, tokenizer_dir):
+    import subprocess
+    import sys
+
+    from edgesmith.chat import HFChat, raw_prompt
+
+    d = _no_template_dir(tmp_path, tokenizer_dir)
+    bot = HFChat(str(d))
+    assert bot.raw and bot.prompt_text([{"role": "system", "content": "s"}, {"role": "user", "content": "Hi there"}]) == "Hi there"
+    assert raw_prompt([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]) == "c"
+    r = subprocess.run([sys.executable, "-m", "edgesmith", "chat", str(d), "--prompt", "The capital of France is",
+                        "--max-new-tokens", "4", "--temperature", "0"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "has no chat template" in r.stderr and "raw text" in r.stderr and "4 new tokens" in r.stderr
+    assert r.stdout.strip()  # a random model's 4 tokens: an answer, not an empty one
+
+
+def test_tiny_gemma3_onnx_parity_beyond_the_sliding_window(tmp_path, tokenizer_dir):
+    """optimum-onnx's gemma3_text export with KV cache: logits equal HF's for a 20-token prefill and for 17 cached
+    one-token steps, well past the sliding window of 4 (the sliding layers must drop the old keys)."""
+    from edgesmith.export.onnx import OnnxLM, export_onnx
+
+    model = tiny_gemma3(seed=2)
+    d = _save_tiny(model, tmp_path / "g3", tokenizer_dir)
+    export_onnx(d, tmp_path / "onnx", check=False)
+    lm = OnnxLM(tmp_path / "onnx")
+    ids = [1] + torch.randint(3, 49152, (19,), generator=torch.Generator().manual_seed(0)).tolist()
+    with torch.no_grad():
+        hf = model(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(lm.logits(ids) - hf).max() < 1e-4
+    lg, past = lm._step(ids[:3], lm._empty_past(), 0)
+    rows = list(lg)
+    for i in range(3, len(ids)):
+        lg, past = lm._step([ids[i]], past, i)
+        rows.append(lg[-1])
+    assert np.abs(np.array(rows) - hf).max() < 1e-4
