@@ -614,7 +614,8 @@ def write_report(root: Path, recipe: Recipe, work: Path) -> Path:
            f"{time.strftime('%Y-%m-%d %H:%M')}", ""]
     if rows:
         bench = root / "bench"
-        doc = json.loads(next(iter(sorted(bench.glob("*.json")))).read_text())
+        # the machine and settings of a results document (not the stage's manifest.json, which has neither)
+        doc = json.loads(next(p for p in (bench / "wikitext.json", bench / "corpus.json") if p.is_file()).read_text())
         mach = doc.get("machine", {})
         md += [f"Measured on {mach.get('cpu', '?')} ({mach.get('cores', '?')} cores, {doc.get('settings', {}).get('threads')} "
                f"threads). WikiText ppl: WikiText-2 raw test, llama-perplexity method (windows of "

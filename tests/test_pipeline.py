@@ -149,6 +149,7 @@ def test_tiny_pipeline_runs_skips_and_reruns_from_the_changed_stage(tmp_path, ti
     assert not (out / ".work").exists() or not any((out / ".work").iterdir())
     report = (out / "report.md").read_text()
     assert "| teacher | HF fp32 |" in report and "| student | GGUF F16 |" in report and "## Stage times" in report
+    assert "Measured on ?" not in report and " cores, 0 threads" not in report  # the machine comes from the results JSON
     # the held-out corpus is scored in the WikiText run's model loads, and reaches every row of the report
     doc = json.loads((out / "bench" / "wikitext.json").read_text())
     assert all("perplexity" in r and r["perplexity_on"]["corpus"]["chunks"] == 1 for r in doc["results"])
