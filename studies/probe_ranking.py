@@ -51,6 +51,7 @@ def main() -> int:
     ap.add_argument("--finalists", type=int, default=3)
     ap.add_argument("--probe-steps", type=int, default=30)
     ap.add_argument("--steps", type=int, default=60, help="distillation steps per finalist after pruning")
+    ap.add_argument("--rows", type=int, default=None, help="recover only the first N finalists (the rest are listed, unmeasured)")
     ap.add_argument("--work", default="out/study-probe")
     ap.add_argument("--out", default="studies/results/probe-ranking.json")
     a = ap.parse_args()
@@ -61,7 +62,7 @@ def main() -> int:
         sh(*ES, "prune", "default", "--out", work / "search", "--target-params", a.target, "--search-candidates", a.candidates,
            "--probe-steps", a.probe_steps, "--probe-finalists", a.finalists)
     report = json.loads((work / "search" / "prune_report.json").read_text())
-    rows = [r for r in report["search"] if "probe_loss" in r]
+    rows = [r for r in report["search"] if "probe_loss" in r][: a.rows]
     for j, r in enumerate(rows):
         d = r["dims"]
         s_dir, d_dir = work / f"s{j}", work / f"d{j}"

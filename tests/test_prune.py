@@ -12,8 +12,9 @@ import torch
 
 from edgesmith.cli import build_parser, main
 from edgesmith.compress.importance import IMPORTANCE, LAYER_IMPORTANCE, Dims, magnitude_scores, random_scores
+from edgesmith.compress.sparsity import apply_sparsity
 from edgesmith.compress.prune import (
-    PruneConfig, apply_sparsity, check_heads, count_params, head_choices, parse_count, plan_keep, prune_model,
+    PruneConfig, check_heads, count_params, head_choices, parse_count, plan_keep, prune_model,
     round_width, run,
 )
 from edgesmith.config import from_dict, load_yaml
@@ -365,7 +366,8 @@ def test_target_speedup_times_real_q4km_exports(tiny_factory, tmp_path):
 def test_shard_by_shard_write_equals_save_pretrained_of_in_memory_pruning(tiny_factory, tmp_path):
     """write_pruned (source read from several shards, pruned tensor by tensor, written shard by shard) produces the
     very files save_pretrained writes for the in-memory pruned model: same shards, index, config, bytes."""
-    from edgesmith.compress.prune import new_config, write_pruned
+    from edgesmith.compress.checkpoint import write_pruned
+    from edgesmith.compress.prune import new_config
 
     model = load_model(str(tiny_factory("src", **dict(GQA, tie=True))))
     model.save_pretrained(tmp_path / "sharded", max_shard_size="300KB")
@@ -398,10 +400,10 @@ def test_bf16_checkpoint_stays_bf16_sharded_with_plain_permissions(tiny_factory,
 
     from safetensors import safe_open
 
-    from edgesmith.compress import prune as P
+    from edgesmith.compress import checkpoint
 
     src_dir = tiny_factory("bf16", **dict(GQA, tie=False), dtype="bfloat16")
-    monkeypatch.setattr(P, "MAX_SHARD_SIZE", "2MB")
+    monkeypatch.setattr(checkpoint, "MAX_SHARD_SIZE", "2MB")
     old = os.umask(0o022)
     try:
         out = run(PruneConfig(model=str(src_dir), out=str(tmp_path / "p"), intermediate_size=160, num_layers=2,
