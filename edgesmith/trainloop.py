@@ -393,6 +393,94 @@ def _plot(metrics: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+# ---------------------------------------------------------------- the loop's steps
+
+
+def _accelerator(cfg: TrainConfig):
+    """accelerate's Accelerator for this run: CPU unless CUDA is present, the precision `_autocast_dtype` chooses."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    cpu = not torch.cuda.is_available()
+    # a second run in the same process may use another precision: forget the previous run's settings
+    # (the process group of `accelerate launch`, kept in PartialState, stays)
+    AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(cpu=cpu, mixed_precision=_autocast_dtype(cfg, "cpu" if cpu else "cuda"))
+
+
+def _grad_checkpointing(model) -> None:
+    """Recompute activations in the backward pass instead of keeping them (memory for ~30% more compute)."""
+    if hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+        model.config.use_cache = False
+
+
+def _optimizer(model, extra_modules: dict, cfg: TrainConfig):
+    """(trainable parameters, AdamW, the warm-up + cosine LambdaLR). Weight decay only on matrices, not on norms and
+    biases, as usual for transformers."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    for mod in extra_modules.values():
+        params += list(mod.parameters())
+    if not params:
+        raise EdgesmithError("nothing to train: the model has no trainable parameters")
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    return params, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg))
+
+
+def _load_checkpoint(ckpt_dir: Path, cfg: TrainConfig, world: int) -> dict:
+    """The saved state of an interrupted run, its RNG states restored; refuses a missing or unreadable checkpoint and
+    one saved with another global batch (the data order would differ)."""
+    import torch
+
+    state_file = ckpt_dir / "state.pt"
+    if not state_file.is_file():
+        raise EdgesmithError(f"{ckpt_dir}: no checkpoint to resume from (run without --resume first)")
+    try:  # weights_only: a checkpoint is data, never code to unpickle
+        st = torch.load(state_file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated/corrupt/foreign file
+        raise EdgesmithError(f"{state_file}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    if st.get("world_size", 1) * st.get("batch_size", cfg.batch_size) != world * cfg.batch_size:
+        raise EdgesmithError(f"{ckpt_dir}: saved with a different global batch; resume with the same batch_size/processes")
+    torch.set_rng_state(st["rng_torch"])
+    random.setstate(st["rng_python"])
+    return st
+
+
+def _catch_stop_signals() -> tuple[list[int], dict]:
+    """SIGINT/SIGTERM append to the returned list instead of killing the run (the loop checkpoints and stops);
+    returns it and the previous handlers, to restore."""
+    stop_signal: list[int] = []
+    old_handlers = {}
+
+    def on_signal(signum, frame):  # noqa: ARG001
+        stop_signal.append(signum)
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        try:
+            old_handlers[s] = signal.signal(s, on_signal)
+        except ValueError:  # not in the main thread
+            pass
+    return stop_signal, old_handlers
+
+
+def _progress_bar(cfg: TrainConfig, budget: float | None, elapsed_before: float, step: int):
+    """tqdm: a budget-bound run shows seconds against the budget, not steps against an unreachable max_steps."""
+    from tqdm.auto import tqdm
+
+    if budget is not None:
+        return tqdm(total=round(budget), initial=round(elapsed_before), desc="train", unit="s", dynamic_ncols=True,
+                    bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f}s [{elapsed}<{remaining}{postfix}]")
+    return tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+
+
 # ---------------------------------------------------------------- the loop
 
 
@@ -418,7 +506,6 @@ def train(
     masks (sparsity_masks): parameter name -> the weights allowed to be non-zero, re-applied after every step.
     """
     import torch
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     out = ensure_writable_dir(out_dir)
@@ -427,33 +514,13 @@ def train(
     if not train_examples:
         raise EdgesmithError("no training examples")
 
-    from accelerate.state import AcceleratorState
-
-    cpu = not torch.cuda.is_available()
-    # a second run in the same process may use another precision: forget the previous run's settings
-    # (the process group of `accelerate launch`, kept in PartialState, stays)
-    AcceleratorState._reset_state(reset_partial_state=False)
-    acc = Accelerator(cpu=cpu, mixed_precision=_autocast_dtype(cfg, "cpu" if cpu else "cuda"))
+    acc = _accelerator(cfg)
     world, rank, main = acc.num_processes, acc.process_index, acc.is_main_process
     set_seed(cfg.seed)
-    if cfg.grad_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
-        model.config.use_cache = False
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    for mod in extra_modules.values():
-        params += list(mod.parameters())
-    if not params:
-        raise EdgesmithError("nothing to train: the model has no trainable parameters")
+    if cfg.grad_checkpointing:
+        _grad_checkpointing(model)
+    params, opt, sched = _optimizer(model, extra_modules, cfg)
     n_trainable = sum(p.numel() for p in params)
-    # decay only matrices (not norms/biases), as usual for transformers
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg))
     wrapped = acc.prepare(model, *extra_modules.values())
     wrapped = list(wrapped) if extra_modules else [wrapped]
     model, extra_wrapped = wrapped[0], dict(zip(extra_modules, wrapped[1:]))
@@ -465,26 +532,16 @@ def train(
     best_path = out / "checkpoint-best.pt"
     step, best_val, first_val, last_val, bad_evals, tokens_seen, elapsed_before = 0, None, None, None, 0, 0, 0.0
     metrics: list[dict] = []
-    if cfg.resume:
-        state_file = ckpt_dir / "state.pt"
-        if not state_file.is_file():
-            raise EdgesmithError(f"{ckpt_dir}: no checkpoint to resume from (run without --resume first)")
-        try:  # weights_only: a checkpoint is data, never code to unpickle
-            st = torch.load(state_file, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - truncated/corrupt/foreign file
-            raise EdgesmithError(f"{state_file}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    if cfg.resume:  # weights, optimizer, schedule, counters and RNG exactly where the checkpoint left them
+        st = _load_checkpoint(ckpt_dir, cfg, world)
         _load_trainable_state(raw_model, {k: acc.unwrap_model(m) for k, m in extra_wrapped.items()}, st["weights"])
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         step, best_val, first_val, last_val = st["step"], st["best_val"], st["first_val"], st["last_val"]
         bad_evals, tokens_seen, elapsed_before = st["bad_evals"], st["tokens"], st["elapsed"]
-        torch.set_rng_state(st["rng_torch"])
-        random.setstate(st["rng_python"])
         if metrics_path.is_file():
             metrics = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
             metrics = [m for m in metrics if m.get("step", 0) <= step]
-        if st.get("world_size", 1) * st.get("batch_size", cfg.batch_size) != world * cfg.batch_size:
-            raise EdgesmithError(f"{ckpt_dir}: saved with a different global batch; resume with the same batch_size/processes")
 
     def save_checkpoint() -> None:
         if not main:
@@ -533,18 +590,7 @@ def train(
         model.train()
         return float(total / count.clamp(min=1))
 
-    # SIGINT/SIGTERM: finish the current step, checkpoint, stop.
-    stop_signal: list[int] = []
-    old_handlers = {}
-
-    def on_signal(signum, frame):  # noqa: ARG001
-        stop_signal.append(signum)
-
-    for s in (signal.SIGINT, signal.SIGTERM):
-        try:
-            old_handlers[s] = signal.signal(s, on_signal)
-        except ValueError:  # not in the main thread
-            pass
+    stop_signal, old_handlers = _catch_stop_signals()  # SIGINT/SIGTERM: finish the current step, checkpoint, stop
 
     writer = None
     if main:
@@ -558,15 +604,8 @@ def train(
     budget = parse_duration(cfg.time_budget) if cfg.time_budget else None
     n = len(train_examples)
     global_micro = cfg.batch_size * world
-    bar = None
-    if main and cfg.progress:
-        from tqdm.auto import tqdm
-
-        # a budget-bound run shows seconds against the budget, not steps against an unreachable max_steps
-        by_time = budget is not None
-        bar = (tqdm(total=round(budget), initial=round(elapsed_before), desc="train", unit="s", dynamic_ncols=True,
-                    bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f}s [{elapsed}<{remaining}{postfix}]")
-               if by_time else tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True))
+    by_time = budget is not None
+    bar = _progress_bar(cfg, budget, elapsed_before, step) if main and cfg.progress else None
     if val_examples and step == 0:  # the baseline: "validation loss decreases" needs a starting point
         first_val = last_val = best_val = evaluate()
         metrics.append({"step": 0, "val_loss": round(first_val, 6)})
