@@ -5,7 +5,6 @@ Gemma 3; a SentencePiece tokenizer that disagrees with llama.cpp is refused; a t
 GGUF whose llama.cpp logits equal HF's. The real Gemma 3 270M end to end is in tests/test_gemma3_real.py."""
 from __future__ import annotations
 
-import copy
 import shutil
 
 import numpy as np
@@ -15,6 +14,7 @@ import torch
 from edgesmith.compress.importance import Dims, magnitude_scores
 from edgesmith.compress.prune import PruneConfig, plan_keep, prune_model, run
 from edgesmith.errors import EdgesmithError
+from prune_ref import masked_reference
 
 TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=7, num_attention_heads=4,
             num_key_value_heads=1, head_dim=32, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
@@ -50,26 +50,6 @@ def tiny_qwen3(seed: int = 0):
     return m
 
 
-def _masked(model, keep, src: Dims):
-    """The original with every removed unit zeroed where it writes: MLP channels (down_proj columns), query heads
-    (o_proj columns), layers (o_proj and down_proj: Gemma's post-norms map a zero block output to zero)."""
-    m = copy.deepcopy(model)
-    hd = src.head_dim
-    with torch.no_grad():
-        for l, layer in enumerate(m.model.layers):
-            o, down = layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight
-            if l not in keep.layers:
-                o.zero_()
-                down.zero_()
-                continue
-            i = keep.layers.index(l)
-            down[:, [j for j in range(src.intermediate_size) if j not in keep.mlp[i]]] = 0
-            for h in range(src.num_attention_heads):
-                if h not in keep.heads[i]:
-                    o[:, h * hd:(h + 1) * hd] = 0
-    return m
-
-
 AXES = {"mlp": dict(intermediate_size=64), "heads": dict(num_attention_heads=2), "layers": dict(num_layers=4),
         "all": dict(intermediate_size=64, num_attention_heads=2, num_layers=4)}
 
@@ -95,7 +75,7 @@ def test_surgery_is_exact(family, axis):
     ids = torch.randint(0, 49152, (2, 12))  # longer than the sliding window of 4: layer types matter
     with torch.no_grad():
         got = pruned(ids).logits
-        ref = _masked(model, keep, src)(ids).logits
+        ref = masked_reference(model, keep, src)(ids).logits
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
     c = pruned.config
     assert (c.num_hidden_layers, c.intermediate_size, c.num_attention_heads, c.head_dim) == \

@@ -20,6 +20,7 @@ from edgesmith.compress.prune import (
 from edgesmith.config import from_dict, load_yaml
 from edgesmith.errors import ConfigError, EdgesmithError
 from edgesmith.modelio import load_model
+from prune_ref import masked_reference
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,29 +37,6 @@ def _zero_eps(model):
         if hasattr(mod, "variance_epsilon"):
             mod.variance_epsilon = 0.0
     return model
-
-
-def _masked(model, keep, src: Dims):
-    """The original model with every removed unit zeroed where it WRITES (so it contributes nothing)."""
-    m = copy.deepcopy(model)
-    hd = src.head_dim
-    gone_hidden = [c for c in range(src.hidden_size) if c not in keep.hidden]
-    with torch.no_grad():
-        m.model.embed_tokens.weight[:, gone_hidden] = 0
-        for l, layer in enumerate(m.model.layers):
-            o, down = layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight
-            o[gone_hidden] = 0
-            down[gone_hidden] = 0
-            if l not in keep.layers:  # a layer whose writes are zero is the identity (residual)
-                o.zero_()
-                down.zero_()
-                continue
-            i = keep.layers.index(l)
-            down[:, [j for j in range(src.intermediate_size) if j not in keep.mlp[i]]] = 0
-            for h in range(src.num_attention_heads):
-                if h not in keep.heads[i]:
-                    o[:, h * hd:(h + 1) * hd] = 0
-    return m
 
 
 AXES = {
@@ -81,7 +59,7 @@ def test_surgery_is_exact(tiny_factory, kind, axis):
     # random scores: the kept units are scattered, so index bookkeeping is really exercised
     keep = plan_keep(random_scores(model.state_dict(), src, seed=3), torch.rand(src.num_layers), src, tgt)
     pruned = _zero_eps(prune_model(model, keep, tgt))
-    reference = _zero_eps(_masked(model, keep, src))
+    reference = _zero_eps(masked_reference(model, keep, src))
     assert Dims.of(pruned.config) == tgt
     ids = torch.randint(0, 49152, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
