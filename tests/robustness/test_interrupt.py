@@ -89,6 +89,20 @@ def _ft_args(model, data, out, extra=()):
             "--val-fraction", "0", *extra]
 
 
+def _sigterm_when(proc, ready) -> str:
+    """SIGTERM `proc` as soon as ready() holds (it must not exit before, nor take 5 minutes); it must then stop with
+    exit code 130. Returns its stderr."""
+    t0 = time.time()
+    while not ready():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() - t0 < 300
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    return err
+
+
 def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(tiny_hf, tmp_path, shared_data):
     from safetensors.numpy import load_file
 
@@ -104,14 +118,7 @@ def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(tiny_hf, tm
 
     run = tmp_path / "run"
     proc = _spawn(*_ft_args(tiny_hf, data, run), env={**os.environ, **env})
-    t0 = time.time()
-    while not (run / "checkpoint" / "state.pt").is_file():
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.time() - t0 < 300
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    err = _sigterm_when(proc, lambda: (run / "checkpoint" / "state.pt").is_file())
     assert "Traceback" not in err and "interrupted" in err
     step = int(__import__("json").loads((run / "checkpoint" / "info.json").read_text())["step"])
     assert 1 <= step < 6, step
@@ -150,14 +157,7 @@ def test_pipeline_resumes_an_interrupted_stage_by_itself(tiny_hf, tmp_path, shar
     out = tmp_path / "cut"
     proc = _spawn("run", recipe(out), env=env)
     ckpt = out / ".work" / "finetune" / "checkpoint" / "info.json"
-    t0 = time.time()
-    while not (ckpt.is_file() and json.loads(ckpt.read_text())["step"] >= 2):
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.time() - t0 < 300
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    _sigterm_when(proc, lambda: ckpt.is_file() and json.loads(ckpt.read_text())["step"] >= 2)
     assert not (out / "finetune" / "manifest.json").exists()  # an interrupted stage is not finished
     again = run_cli_subprocess("run", recipe(out), env=env)
     assert again.returncode == 0, again.stderr
