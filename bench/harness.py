@@ -329,7 +329,7 @@ def mc_scores(lm, items: list[dict]) -> dict:
 
 def chat_prompt(lm, messages: list[dict]) -> list[int]:
     if lm.chat_template:
-        from edgesmith.export.onnx import render_chat_template
+        from edgesmith.chat_template import render_chat_template
 
         text = render_chat_template(lm.chat_template, messages, add_generation_prompt=True, special=lm.special)
     else:  # documented plain fallback (edgesmith.data.render)

@@ -136,7 +136,7 @@ class GGUFChat:
         return sampling_defaults(lm.chat_template, {**lm.special, "added_tokens_decoder": specials}, {})
 
     def prompt_text(self, messages) -> str:
-        from .export.onnx import render_chat_template
+        from .chat_template import render_chat_template
 
         if self.raw:
             return raw_prompt(messages)

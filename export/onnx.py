@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from edgesmith.chat_template import render_chat_template
 from edgesmith.errors import EdgesmithError
 from edgesmith.fsutil import atomic_dir, check_free_space, dir_size, quick_fingerprint
 
@@ -470,35 +471,3 @@ def _read_json(p: Path) -> dict:
         return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise EdgesmithError(f"{p}: invalid JSON ({e})") from None
-
-
-def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool = True, tools=None,
-                         special: dict | None = None, **extra) -> str:
-    """Render a Hugging Face Jinja chat template the way transformers does (same environment and
-    helpers), with jinja2 only (it ships with llama-cpp-python, so device installs have it)."""
-    try:
-        import jinja2
-        from jinja2.ext import loopcontrols
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-    except ImportError:
-        raise EdgesmithError("chat templates need jinja2: pip install jinja2") from None
-    from datetime import datetime
-
-    def raise_exception(msg):
-        raise EdgesmithError(f"chat template: {msg}")
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f))
-    kw = {}
-    for k, v in (special or {}).items():  # bos_token, eos_token, ... as plain strings
-        if k.endswith("_token") and isinstance(v, (str, dict)):
-            kw[k] = v["content"] if isinstance(v, dict) else v
-    try:
-        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                tools=tools, **kw, **extra)
-    except jinja2.TemplateError as e:
-        raise EdgesmithError(f"chat template: {e}") from None

@@ -14,7 +14,8 @@ import pytest
 
 from conftest import make_tiny_llama
 from edgesmith.errors import EdgesmithError
-from edgesmith.export.onnx import PROVENANCE, OnnxLM, export_onnx, onnx_model_bytes, render_chat_template
+from edgesmith.chat_template import render_chat_template
+from edgesmith.export.onnx import PROVENANCE, OnnxLM, export_onnx, onnx_model_bytes
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgesmith.export.ollama import jinja_to_go, quote_value, write_modelfile
+from edgesmith.export.go_template import jinja_to_go
+from edgesmith.export.ollama import quote_value, write_modelfile
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN_DIR = REPO / "Modelfiles"
@@ -197,7 +198,7 @@ def test_qwen2_style_tools_template(ollama, hf_tokenizer):
 
 
 def test_template_needing_arithmetic_is_untranslatable():
-    from edgesmith.export.ollama import Untranslatable
+    from edgesmith.export.go_template import Untranslatable
 
     with pytest.raises(Untranslatable, match="Sub|index"):
         jinja_to_go("{% for m in messages %}{% if messages[loop.index0 - 1].role != 'tool' %}x{% endif %}{% endfor %}")
