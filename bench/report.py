@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 from edgesmith.errors import EdgesmithError
@@ -357,6 +358,93 @@ def headline(rows: list[dict]) -> list[str]:
                    f"(**{sl['decode_tok_s'] / tl['decode_tok_s']:.2f}×**), prefill {sl.get('prefill_tok_s', 0) / max(1e-9, tl.get('prefill_tok_s', 1)):.2f}×, "
                    f"file {sq.get('file_mb', 0):.1f} vs {tq.get('file_mb', 0):.1f} MiB")
     return out
+
+
+# ---------------------------------------------------------------- a pipeline's report (OUT/report/, the end-of-run summary)
+
+
+def bench_rows(root: Path) -> list[dict]:
+    """report_rows of a finished pipeline output root: the student is the last HF model a stage wrote."""
+    from edgesmith.stages import ORDER
+
+    ctx_paths = {s: str(root / s) for s in ORDER if (root / s).exists()}
+    for s in ("merge", "distill", "prune"):
+        if s in ctx_paths and (root / s / "config.json").is_file():
+            ctx_paths["_model"] = ctx_paths[s]
+            break
+    return join_runs(root, ctx_paths)
+
+
+def stage_times(root: Path) -> list[list[str]]:
+    from edgesmith.stages import ORDER
+
+    out = [["stage", "seconds", "finished output"]]
+    for s in ORDER:
+        m = root / s / "manifest.json"
+        if m.is_file():
+            d = json.loads(m.read_text())
+            out.append([s, f"{d.get('seconds', 0):.1f}", f"{s}/ ({d.get('started', '')})"])
+    return out
+
+
+def write_report(root: Path, recipe, work: Path) -> Path:
+    """OUT/report/{report.md, *.png} and a copy OUT/report.md with links into report/ (recipe: pipeline.Recipe)."""
+    from edgesmith import __version__
+
+    rows = bench_rows(root)
+    md = [f"# {recipe.name}: edgesmith pipeline report", ""]
+    if recipe.description:
+        md += [recipe.description.strip(), ""]
+    md += [f"Start model: `{recipe.model}`; output: `{root}`; edgesmith {__version__}; "
+           f"{time.strftime('%Y-%m-%d %H:%M')}", ""]
+    if rows:
+        bench = root / "bench"
+        # the machine and settings of a results document (not the stage's manifest.json, which has neither)
+        doc = json.loads(next(p for p in (bench / "wikitext.json", bench / "corpus.json") if p.is_file()).read_text())
+        mach = doc.get("machine", {})
+        md += [f"Measured on {mach.get('cpu', '?')} ({mach.get('cores', '?')} cores, {doc.get('settings', {}).get('threads')} "
+               f"threads). WikiText ppl: WikiText-2 raw test, llama-perplexity method (windows of "
+               f"{doc.get('settings', {}).get('ctx')} tokens, second half scored). Corpus ppl: held-out slice of the "
+               "teacher-generated distillation corpus. KL/top-1: agreement with the teacher's next-token distribution.", "",
+               ]
+        top = headline(rows)
+        if top:
+            md += ["## Teacher vs student", ""] + top + [""]
+        md += ["## Every format", "", "Accuracy: % ± standard error.", "", md_table(pipeline_table(rows)), ""]
+    md += ["## Stage times", "", md_table(stage_times(root)), ""]
+    export = root / "export"
+    if (export / "export.json").is_file():
+        ex = json.loads((export / "export.json").read_text())
+        mfs = sorted(p.name for p in export.glob("Modelfile.*"))
+        md += ["## Ollama", "", f"GGUF files and Modelfiles side by side in `{export}`:", "", "```"]
+        md += [f"ollama create {ex['name']}:{m.split('.', 1)[1].lower()} -f {export / m}" for m in mfs] + ["```", ""]
+    pngs = plot([{**r, "artifact": f"{r['model']} {r['format']}"} for r in rows if "error" not in r], work) if rows else []
+    md_body = "\n".join(md)
+    write_text(work / "report.md", md_body + "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs) + "\n")
+    write_text(root / "report.md", md_body + "\n" + "\n".join(f"![{p.stem}](report/{p.name})" for p in pngs) + "\n")
+    return work / "report.md"
+
+
+def summary(root: Path) -> str:
+    """What the user sees at the end: where the Ollama-ready files are, and the table."""
+    lines = []
+    export = root / "export"
+    if (export / "export.json").is_file():
+        mfs = sorted(export.glob("Modelfile.*"))
+        lines.append(f"Ollama-ready files (GGUF + Modelfile side by side): {export}")
+        if mfs:
+            name = json.loads((export / "export.json").read_text())["name"]
+            pick = next((m for m in mfs if m.name == "Modelfile.Q4_K_M"), mfs[0])
+            lines.append(f"  ollama create {name} -f {pick}")
+    rows = bench_rows(root) if (root / "bench").is_dir() else []
+    if rows:
+        lines += ["", text_table(pipeline_table(rows))]
+        top = headline(rows)
+        if top:
+            lines += ["", "Teacher vs student:"] + top
+    if (root / "report.md").is_file():
+        lines += ["", f"report: {root / 'report.md'}"]
+    return "\n".join(lines)
 
 
 def report(paths: list[str], out_dir: str | Path) -> Path:

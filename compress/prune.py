@@ -599,10 +599,10 @@ def pack(tok, texts: list[str], seq_len: int, limit: int):
 
 
 def held_out_perplexity(model, windows) -> float:
-    """The bench's perplexity (bench/harness.py windows_nll: second half of each window scored, like llama-perplexity)
+    """The bench's perplexity (bench/metrics.py windows_nll: second half of each window scored, like llama-perplexity)
     of an in-memory model on held-out windows [N, T], so prune reports the number `edgesmith bench` would."""
     from edgesmith.bench.backends import HFLM
-    from edgesmith.bench.harness import windows_nll
+    from edgesmith.bench.metrics import windows_nll
 
     return math.exp(float(windows_nll(HFLM.wrap(model), [w.tolist() for w in windows]).mean()))
 

@@ -79,7 +79,7 @@ def mean_acc(tasks: dict) -> tuple[float | None, float | None]:
 
 def collect(root: Path, quant: str) -> dict:
     """(teacher?, student) numbers of one finished point from its bench results."""
-    from .pipeline import bench_rows
+    from edgesmith.bench.report import bench_rows
 
     by = {(r["model"], r["format"]): r for r in bench_rows(root) if "error" not in r}
     out = {}

@@ -308,7 +308,7 @@ def check_quantized(q_dir: Path, fp32_dir: Path, threads: int | None = None) -> 
 
 def _ppl(logits: np.ndarray, ids: list[int]) -> float:
     # logits: [T, V] for ids[0..T); predicts ids[1..T): the bench's log-softmax and NLL, over every position
-    from edgesmith.bench.harness import log_softmax, nll_of
+    from edgesmith.bench.metrics import log_softmax, nll_of
 
     return float(np.exp(nll_of(log_softmax(logits[:-1]), np.asarray(ids[1:])).mean()))
 

@@ -10,6 +10,7 @@ they are refused with the reason.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from edgesmith.errors import EdgesmithError
@@ -18,6 +19,14 @@ MERGE_DTYPES = ("float32", "bfloat16", "float16")
 # peft types that only add virtual tokens / cached key-values: nothing to fold into a weight matrix
 NOT_MERGEABLE = {"PREFIX_TUNING": "prefix tuning", "PROMPT_TUNING": "prompt tuning", "P_TUNING": "p-tuning",
                  "MULTITASK_PROMPT_TUNING": "multitask prompt tuning", "ADAPTION_PROMPT": "adaption prompt"}
+
+
+@dataclass
+class MergeSettings:
+    """Settings of the pipeline's merge stage (the adapter and its base are wired by the pipeline)."""
+
+    dtype: str = "float32"
+    """Precision the adapter is merged in: float32, bfloat16 or float16 (never 4-bit)."""
 
 
 def read_adapter_config(adapter_dir: Path) -> dict:

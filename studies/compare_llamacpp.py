@@ -153,7 +153,7 @@ def loadavg() -> float:
 def main(argv=None) -> int:
     import statistics
 
-    from edgesmith.bench.harness import machine_info
+    from edgesmith.machine import machine_info
     from edgesmith.fsutil import data_dir
     from edgesmith.fsutil import write_json
     from edgesmith.native import run_isolated

@@ -42,6 +42,7 @@ def main() -> int:
     from lm_eval.tasks import TaskManager
 
     from edgesmith.bench import harness as H
+    from edgesmith.machine import machine_info
     from edgesmith.fsutil import data_dir
     from edgesmith.fsutil import write_json
     from edgesmith.modelio import resolve
@@ -73,7 +74,7 @@ def main() -> int:
     doc = {"model": str(model), "items_per_task": args.limit, "tasks": list(OURS), "threads": args.threads,
            "lm_eval": {"version": lm_eval.__version__, "batch_size": args.lm_eval_batch}, "rounds": rounds,
            "speedup_vs_lm_eval": round(sum(r["lm_eval_seconds"] for r in rounds) / sum(r["edgesmith_seconds"] for r in rounds), 2),
-           "machine": H.machine_info(args.threads),
+           "machine": machine_info(args.threads),
            "load_average_end": os.getloadavg()[0], "command": " ".join(["python studies/mc_speed.py"] + sys.argv[1:])}
     write_json(args.out, doc)
     print(f"edgesmith {sum(r['edgesmith_seconds'] for r in rounds):.0f} s vs lm-eval {sum(r['lm_eval_seconds'] for r in rounds):.0f} s "

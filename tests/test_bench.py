@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from edgesmith.bench import harness as H
+from edgesmith.bench import metrics as M
 from edgesmith.bench.tasks import TASKS, parse_tasks
 from edgesmith.errors import EdgesmithError
 from edgesmith.native import run_isolated
@@ -36,21 +37,21 @@ def test_cli_task_choices_equal_registry_keys():
 
 def test_ppl_windows_follow_llama_perplexity():
     toks = list(range(10, 10 + 1000))
-    w = H.ppl_windows(toks, 256, None, add_bos=False, bos_id=1)
+    w = M.ppl_windows(toks, 256, None, add_bos=False, bos_id=1)
     assert len(w) == 3 and w[1][0] == 266 and all(len(x) == 256 for x in w)  # non-overlapping, remainder dropped
-    assert H.ppl_windows(toks, 256, 2, add_bos=True, bos_id=1)[1][0] == 1  # bos replaces token 0 of each window
+    assert M.ppl_windows(toks, 256, 2, add_bos=True, bos_id=1)[1][0] == 1  # bos replaces token 0 of each window
     with pytest.raises(EdgesmithError, match="at least ctx"):
-        H.ppl_windows(toks[:100], 256, None, False, None)
+        M.ppl_windows(toks[:100], 256, None, False, None)
 
 
 def test_kl_and_logsoftmax():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(5, 50))
-    lp = H.log_softmax(x)
+    lp = M.log_softmax(x)
     assert np.allclose(np.exp(lp).sum(-1), 1)
-    kl, top = H.kl_top1(lp, lp)
+    kl, top = M.kl_top1(lp, lp)
     assert np.allclose(kl, 0) and top.all()
-    kl2, _ = H.kl_top1(lp, H.log_softmax(x + rng.normal(size=x.shape)))
+    kl2, _ = M.kl_top1(lp, M.log_softmax(x + rng.normal(size=x.shape)))
     assert (kl2 > 0).all()
 
 
@@ -117,9 +118,9 @@ def test_continuation_loglik_equals_the_sum_over_one_full_pass(tiny_set):
 
     lm = open_lm(tiny_set["onnx"], threads=1)
     ctx, cont = "Question: What is the capital of France?\nAnswer:", " Paris"
-    ll = H.continuation_loglik(lm, ctx, cont)
+    ll = M.continuation_loglik(lm, ctx, cont)
     whole = lm.encode(ctx + cont)
-    lp = H.log_softmax(lm.logits(whole))
+    lp = M.log_softmax(lm.logits(whole))
     n = len(lm.encode(ctx))
     expected = sum(lp[i - 1, whole[i]] for i in range(n, len(whole)))
     assert ll == pytest.approx(expected, rel=1e-6) and ll < 0
@@ -184,7 +185,7 @@ def test_device_backends_import_no_torch(tiny_set):
         "        if name.split('.')[0] in ('torch', 'transformers'): raise ImportError('blocked ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
         "from edgesmith.bench.backends import open_lm\n"
-        "from edgesmith.bench.harness import continuation_loglik\n"
+        "from edgesmith.bench.metrics import continuation_loglik\n"
         f"for p in [{str(tiny_set['gguf'])!r}, {str(tiny_set['onnx'])!r}]:\n"
         "    lm = open_lm(p, 1); print(continuation_loglik(lm, 'The cat', ' sat')); lm.close()\n"
     )
@@ -301,11 +302,11 @@ def test_user_jsonl_generation_rows_and_task_files(tmp_path, shared_data):
 
 def test_windows_record_identifies_the_scored_tokens():
     toks = list(range(5, 5 + 700))
-    w = H.ppl_windows(toks, 256, None, add_bos=False, bos_id=None)
-    rec = H.windows_record(w, 256)
+    w = M.ppl_windows(toks, 256, None, add_bos=False, bos_id=None)
+    rec = M.windows_record(w, 256)
     assert rec["starts"] == [0, 256] and rec["scored"] == [129, 255]
-    assert rec["sha256"] == H.windows_record(H.ppl_windows(toks, 256, None, False, None), 256)["sha256"]
-    assert rec["sha256"] != H.windows_record(H.ppl_windows(toks[1:], 256, None, False, None), 256)["sha256"]
+    assert rec["sha256"] == M.windows_record(M.ppl_windows(toks, 256, None, False, None), 256)["sha256"]
+    assert rec["sha256"] != M.windows_record(M.ppl_windows(toks[1:], 256, None, False, None), 256)["sha256"]
 
 
 def test_export_dir_skips_adapters_and_importance_matrices(tiny_set, tmp_path):
@@ -335,12 +336,12 @@ def test_shared_context_scoring_equals_one_pass_scoring(tiny_set, shared_data, k
         items = T.get("arc_easy").load(str(shared_data), 4) + T.get("winogrande").load(str(shared_data), 3)
         one_passes = []
         for it in items:
-            shared = H.choice_logliks(lm, it["pairs"])
-            one_pass = np.array([H.continuation_loglik(lm, c, x) for c, x in it["pairs"]])
+            shared = M.choice_logliks(lm, it["pairs"])
+            one_pass = np.array([M.continuation_loglik(lm, c, x) for c, x in it["pairs"]])
             np.testing.assert_allclose(shared, one_pass, rtol=1e-4, atol=1e-3)
             one_passes.append(one_pass)
         if hasattr(lm, "score_pairs"):  # batched: the choices of an item packed after their context, many items per forward
-            packed = lm.score_pairs([H.split_pair(lm, c, x) for it in items for c, x in it["pairs"]], max_batch_tokens=256)
+            packed = lm.score_pairs([M.split_pair(lm, c, x) for it in items for c, x in it["pairs"]], max_batch_tokens=256)
             np.testing.assert_allclose(packed, np.concatenate(one_passes), rtol=1e-4, atol=1e-3)
     finally:
         lm.close()

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from edgesmith import pipeline as P
+from edgesmith.bench.report import bench_rows
 from edgesmith.config import load_stage_yaml
 from edgesmith.errors import EdgesmithError
 
@@ -154,7 +155,7 @@ def test_tiny_pipeline_runs_skips_and_reruns_from_the_changed_stage(tmp_path, ti
     doc = json.loads((out / "bench" / "wikitext.json").read_text())
     assert all("perplexity" in r and r["perplexity_on"]["corpus"]["chunks"] == 1 for r in doc["results"])
     assert not (out / "bench" / "corpus.json").exists()
-    assert all(r.get("corpus_ppl") for r in P.bench_rows(out))
+    assert all(r.get("corpus_ppl") for r in bench_rows(out))
     from edgesmith.gguf_read import metadata
 
     fields = metadata(out / "export" / "tiny-edge-F16.gguf")
