@@ -1,7 +1,7 @@
 """Writing a pruned checkpoint the way save_pretrained would, one decoder layer at a time (`edgesmith prune`'s output).
 
 The pruned model is never materialised: its shapes come from a meta-device skeleton, each safetensors file's header is
-computed from them first, then every group of tensors is cut from the source (compress/prune.py's surgery), refit and
+computed from them first, then every group of tensors is cut from the source (compress/surgery.py), refit and
 sparsified on the way, appended and freed. Memory stays near one copy of the source plus one layer.
 """
 from __future__ import annotations
@@ -87,7 +87,8 @@ def write_pruned(src_sd: dict, src: Dims, keep, config, model_cls, generation_co
     import torch
 
     from .importance import LINEARS
-    from .prune import param_counts, prune_state_dict  # the surgery itself (prune imports this module at its top)
+    from .prune import param_counts  # prune imports this module at its top
+    from .surgery import prune_state_dict
     from .reconstruct import refit_layer
 
     if str(dtype).split(".")[1] not in SAFETENSORS_DTYPES:

@@ -28,7 +28,7 @@ def probe(student, teacher, train_windows, eval_windows, steps: int, lr: float, 
 
     from edgesmith.trainloop import cpu_has_fast_bf16
 
-    from .prune import calibration_loss
+    from .calibration import calibration_loss
 
     g = torch.Generator().manual_seed(seed)
     # bf16 autocast only where the CPU has fast bf16 (AVX512-BF16/AMX); ~4x slower than fp32 on AVX2-only CPUs

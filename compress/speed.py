@@ -11,6 +11,16 @@ from __future__ import annotations
 import dataclasses
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from edgesmith.errors import EdgesmithError
+
+from .importance import Dims
+from .shape import dims_dict
+from .surgery import plan_keep, prune_model
+
+if TYPE_CHECKING:
+    from .prune import PruneConfig
 
 QUANT = "Q4_K_M"  # the quantisation the speed budget refers to (the demo's and Ollama's default)
 
@@ -44,3 +54,28 @@ def candidate_decode(model, tok, work: Path, threads: int = 0) -> dict:
         return q4km_decode(hf, work, threads)
     finally:
         shutil.rmtree(hf, ignore_errors=True)
+
+
+def speed_filter(cfg: PruneConfig, model, tok, src_dir: Path, cands: list, search: list[dict], scores, layer_scores,
+                 out: Path, say) -> list[int]:
+    """Time each candidate's Q4_K_M against the teacher's (compress/speed.py); record it in its search row and return
+    the candidates at or above cfg.target_speedup. None reaching it is an error naming the fastest."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix=".speed-", dir=out.parent if str(out.parent) else ".") as tmp:
+        base = q4km_decode(src_dir, Path(tmp) / "teacher")
+        say(f"  speed: teacher Q4_K_M decodes {base['decode_tok_s']:.1f} tok/s")
+        for j, d in enumerate(cands):
+            pr = prune_model(model, plan_keep(scores, layer_scores, Dims.of(model.config), d), d, cfg.rescale_norms)
+            sp = candidate_decode(pr, tok, Path(tmp) / f"c{j}")
+            search[j].update(decode_tok_s=sp["decode_tok_s"], file_mb=sp["file_mb"],
+                             speedup=round(sp["decode_tok_s"] / base["decode_tok_s"], 3))
+            say(f"  speed: {dims_dict(d)} -> {sp['decode_tok_s']:.1f} tok/s ({search[j]['speedup']:.2f}x the teacher)")
+    for row in search:
+        row["teacher_decode_tok_s"] = base["decode_tok_s"]
+    ok = [j for j, row in enumerate(search) if row["speedup"] >= cfg.target_speedup]
+    if not ok:
+        best = max(search, key=lambda r: r["speedup"])
+        raise EdgesmithError(f"--target-speedup {cfg.target_speedup}: no shape of {cfg.target_params} parameters reaches it on this "
+                             f"machine (fastest {best['speedup']:.2f}x: {best['dims']}); lower --target-params or the speedup")
+    return ok

@@ -71,9 +71,9 @@ def main() -> int:
     import torch
 
     from edgesmith.compress import importance as imp
-    from edgesmith.compress.prune import (
-        PruneConfig, calibration_loss, calibration_texts, pack, plan_keep, prune_model,
-    )
+    from edgesmith.compress.calibration import calibration_loss, calibration_texts, pack
+    from edgesmith.compress.prune import PruneConfig
+    from edgesmith.compress.surgery import plan_keep, prune_model
     from edgesmith.config import from_dict, load_yaml
     from edgesmith.modelio import load_model, load_tokenizer
 

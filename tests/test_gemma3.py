@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from edgesmith.compress.importance import Dims, magnitude_scores
-from edgesmith.compress.prune import PruneConfig, plan_keep, prune_model, run
+from edgesmith.compress.prune import PruneConfig, run
+from edgesmith.compress.surgery import plan_keep, prune_model
 from edgesmith.errors import EdgesmithError
 from prune_ref import masked_reference
 

@@ -13,10 +13,9 @@ import torch
 from edgesmith.cli import build_parser, main
 from edgesmith.compress.importance import IMPORTANCE, LAYER_IMPORTANCE, Dims, magnitude_scores, random_scores
 from edgesmith.compress.sparsity import apply_sparsity
-from edgesmith.compress.prune import (
-    PruneConfig, check_heads, count_params, head_choices, parse_count, plan_keep, prune_model,
-    round_width, run,
-)
+from edgesmith.compress.prune import PruneConfig, parse_count, run
+from edgesmith.compress.shape import check_heads, count_params, head_choices, round_width
+from edgesmith.compress.surgery import plan_keep, prune_model
 from edgesmith.config import from_dict, load_yaml
 from edgesmith.errors import ConfigError, EdgesmithError
 from edgesmith.modelio import load_model
@@ -211,8 +210,10 @@ def test_without_data_the_model_writes_its_calibration_text(tiny_factory, tmp_pa
     itself with the distill stage's sampler; deterministic for a seed."""
     import json
 
+    from edgesmith.compress import calibration
     from edgesmith.compress import prune as P
 
+    monkeypatch.setattr(calibration, "data_dir", lambda: None)
     monkeypatch.setattr(P, "data_dir", lambda: None)
     src = tiny_factory("src", seed=0)
     for name in ("a", "b"):
@@ -295,7 +296,7 @@ def test_probe_ranks_finalists_by_loss_after_short_distillation(tiny_factory, tm
     import torch
 
     from edgesmith.compress.probe import probe
-    from edgesmith.compress.prune import plan_keep, prune_model, render_report
+    from edgesmith.compress.prune import render_report
 
     src_dir = tiny_factory("tiny", **dict(GQA, tie=True))
     teacher = load_model(str(src_dir))
@@ -345,7 +346,7 @@ def test_shard_by_shard_write_equals_save_pretrained_of_in_memory_pruning(tiny_f
     """write_pruned (source read from several shards, pruned tensor by tensor, written shard by shard) produces the
     very files save_pretrained writes for the in-memory pruned model: same shards, index, config, bytes."""
     from edgesmith.compress.checkpoint import write_pruned
-    from edgesmith.compress.prune import new_config
+    from edgesmith.compress.surgery import new_config
 
     model = load_model(str(tiny_factory("src", **dict(GQA, tie=True))))
     model.save_pretrained(tmp_path / "sharded", max_shard_size="300KB")
