@@ -18,7 +18,7 @@ TRUST_ENV = "EDGESMITH_TRUST_REMOTE_CODE"
 # subcommand -> module exposing register(subparsers)
 COMMANDS = {
     "info": "edgesmith.info",
-    "data": "edgesmith.data",
+    "data": "edgesmith.prepare",
     "chat": "edgesmith.chat",
     "prune": "edgesmith.compress.cli",
     "distill": "edgesmith.distill.cli",

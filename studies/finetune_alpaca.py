@@ -45,7 +45,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "finetune-alpaca.json"))
     args = ap.parse_args()
 
-    from edgesmith.data import PrepareConfig, prepare
+    from edgesmith.prepare import PrepareConfig, prepare
     from edgesmith.finetune.lora import FinetuneConfig
     from edgesmith.finetune.lora import run as finetune
     from edgesmith.finetune.merge import merge_adapter

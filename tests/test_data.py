@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from edgesmith.data import PrepareConfig, RowError, prepare, read_records, render
+from edgesmith.data import RowError, read_records, render
+from edgesmith.prepare import PrepareConfig, prepare
 from edgesmith.errors import ConfigError, EdgesmithError
 
 
