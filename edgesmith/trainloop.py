@@ -5,7 +5,8 @@ accumulation, clipping, gradient checkpointing, bf16 (GPU) / fp32 or bf16 autoca
 every N steps with early stopping and the best weights kept, checkpoints every N steps and on
 SIGINT/SIGTERM, `resume` with the same data order, a progress bar, metrics JSONL (+ TensorBoard when
 installed) and a PNG loss curve. Distribution goes through accelerate's `Accelerator`, so the same
-command runs under `accelerate launch` (DDP) unchanged.
+command runs under `accelerate launch` (DDP) unchanged; `sharding: fsdp` splits weights, gradients and AdamW states
+across the processes (torch's FSDP2) and still hands back, and checkpoints, whole weights.
 
 Exactness rules that make resume and multi-process runs reproduce a single uninterrupted run:
 - the data order is a pure function of (seed, epoch): `batch_indices(step)` never depends on history;
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import re
 import signal
@@ -34,6 +36,7 @@ from .fsutil import atomic_dir, atomic_open, atomic_path, ensure_writable_dir, w
 
 from .data import IGNORE  # the label of tokens that carry no loss (prompt, padding)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SHARDINGS = ("none", "fsdp")
 
 
 @dataclass
@@ -82,6 +85,8 @@ class TrainConfig:
     """Metrics line (JSONL) every N steps."""
     progress: bool = True
     """Show a progress bar with loss, learning rate and tokens/s."""
+    sharding: str = "none"
+    """With several processes (accelerate launch): none (each holds the whole model, DDP) or fsdp (torch FSDP2: each holds 1/N of the weights, gradients and AdamW states; output and checkpoints stay whole)."""
 
     def __post_init__(self):
         if self.lr <= 0:
@@ -102,6 +107,8 @@ class TrainConfig:
             raise ConfigError("schedule", "schedule: time needs a time_budget")
         if self.precision not in PRECISIONS:
             raise ConfigError("precision", f"expected one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.sharding not in SHARDINGS:
+            raise ConfigError("sharding", f"expected one of {', '.join(SHARDINGS)}, got {self.sharding!r}")
         if self.time_budget:
             try:
                 parse_duration(self.time_budget)
@@ -348,11 +355,17 @@ def check_memory(stage: str, parts: dict[str, int], hints: str, processes: int =
     return line + (f" of {avail / GIB:.1f} GiB available" if avail is not None else "")
 
 
-def _trainable_state(model, extra_modules: dict) -> dict:
-    """Trainable tensors only (LoRA adapters stay small, full fine-tuning saves everything)."""
-    out = {f"model.{n}": p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+def _trainable_state(model, extra_modules: dict, keep: bool = True) -> dict:
+    """Trainable tensors only (LoRA adapters stay small, full fine-tuning saves everything), whole, on the CPU.
+    Sharded, every process must call it (one all-gather per tensor); only those with `keep` hold the result."""
+    named = [(f"model.{n}", p) for n, p in model.named_parameters() if p.requires_grad]
     for key, mod in extra_modules.items():
-        out.update({f"{key}.{n}": p.detach().cpu().clone() for n, p in mod.named_parameters()})
+        named += [(f"{key}.{n}", p) for n, p in mod.named_parameters()]
+    out = {}
+    for k, p in named:
+        t = _whole(p.detach())
+        if keep:
+            out[k] = t.cpu().clone()
     return out
 
 
@@ -367,7 +380,7 @@ def _load_trainable_state(model, extra_modules: dict, state: dict) -> None:
         raise EdgesmithError(f"checkpoint does not match the model (missing {sorted(missing)[:3]} ...)")
     with torch.no_grad():
         for k, p in params.items():
-            p.copy_(state[k].to(p.device, p.dtype))
+            p.copy_(_like(state[k].to(p.device, p.dtype), p))
 
 
 def _plot(metrics: list[dict], path: Path) -> None:
@@ -399,13 +412,17 @@ def _plot(metrics: list[dict], path: Path) -> None:
 def _accelerator(cfg: TrainConfig):
     """accelerate's Accelerator for this run: CPU unless CUDA is present, the precision `_autocast_dtype` chooses."""
     import torch
-    from accelerate import Accelerator
+    from accelerate import Accelerator, PartialState
     from accelerate.state import AcceleratorState
 
     cpu = not torch.cuda.is_available()
+    # a stage that asked PartialState() for its device first (distill does) set it up without cpu=True, which on a
+    # machine without CUDA reads as one process even under `accelerate launch`: that one is forgotten, so the processes
+    # join over gloo here instead of each training alone
+    alone = cpu and PartialState().num_processes == 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1
     # a second run in the same process may use another precision: forget the previous run's settings
     # (the process group of `accelerate launch`, kept in PartialState, stays)
-    AcceleratorState._reset_state(reset_partial_state=False)
+    AcceleratorState._reset_state(reset_partial_state=alone)
     return Accelerator(cpu=cpu, mixed_precision=_autocast_dtype(cfg, "cpu" if cpu else "cuda"))
 
 
@@ -452,6 +469,104 @@ def _load_checkpoint(ckpt_dir: Path, cfg: TrainConfig, world: int) -> dict:
     torch.set_rng_state(st["rng_torch"])
     random.setstate(st["rng_python"])
     return st
+
+
+def _shard_or_not(cfg: TrainConfig, acc, model) -> bool:
+    """Whether this run shards (sharding: fsdp with several processes; one process has nothing to split). Refuses,
+    in one line, a setup FSDP2 cannot shard."""
+    import torch
+    from accelerate.utils import DistributedType
+
+    if cfg.sharding == "none" or acc.num_processes == 1:
+        return False
+    if acc.distributed_type not in (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        raise EdgesmithError(f"sharding: fsdp shards the model itself and needs accelerate's plain multi-process launch, "
+                             f"not {acc.distributed_type.value} (drop FSDP/DeepSpeed from the accelerate config)")
+    if any(not p.is_floating_point() for p in model.parameters()):
+        raise EdgesmithError("sharding: fsdp needs floating-point weights; quantized ones (QLoRA) cannot be sharded")
+    try:
+        from torch.distributed import fsdp
+    except ImportError:  # a torch built without distributed support
+        fsdp = None
+    if not hasattr(fsdp, "fully_shard"):
+        raise EdgesmithError(f"sharding: fsdp needs torch.distributed's fully_shard (torch >= 2.6), not torch {torch.__version__}")
+    return True
+
+
+def _shard(model, extra_modules: dict, device, world: int):
+    """sharding: fsdp. torch's FSDP2 (`fully_shard`) over all processes: each decoder layer, then the rest of the model,
+    is cut into 1/world slices, so a process keeps 1/world of the weights, gradients and AdamW states; a layer is whole
+    only while it runs (all-gathered) and its gradients are reduce-scattered back into slices, averaged like DDP's.
+    accelerate 1.15 turns its own FSDP on only for GPUs (on CPU its Accelerator stays plain multi-process), so the loop
+    calls torch directly: the same code over gloo on CPU and nccl on GPU.
+
+    fully_shard changes the module it is given for good (class, hooks, DTensor parameters), yet the stages save and
+    merge the model they passed in. So it shards a copy that shares the caller's parameter objects (no weight is
+    copied) and releases each whole tensor once its slices exist; `_unshard_into` gives the caller whole weights back.
+    The extra modules are used through the loss' closure, so they are sharded in place, per module owning weights.
+    -> the sharded model, the one the loss is given."""
+    import copy
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    mesh = init_device_mesh(device.type, (world,))
+    work = copy.deepcopy(model, {id(p): p for p in model.parameters()})
+    # transformers names the blocks that must stay whole on one device (_no_split_modules): the units of sharding
+    blocks = {n for m in work.modules() for n in (getattr(m, "_no_split_modules", None) or [])}
+    for unit in [m for m in work.modules() if type(m).__name__ in blocks] + [work]:
+        whole = [p for p in unit.parameters() if not isinstance(p, DTensor)]
+        fully_shard(unit, mesh=mesh)
+        for p in whole:  # the caller's tensor (moved to the device by fully_shard): its memory back, unit by unit
+            p.data = p.data.new_empty(0)
+    for mod in extra_modules.values():
+        for m in mod.modules():
+            if next(m.parameters(recurse=False), None) is not None:
+                fully_shard(m, mesh=mesh)
+    return work
+
+
+def _unshard_into(model, work) -> None:
+    """The trained weights, whole, back into the caller's model on every process (one all-gather per tensor): the stage
+    then saves and merges exactly what a single-process run hands it."""
+    sharded = dict(work.named_parameters())
+    for n, p in model.named_parameters():
+        p.data = _whole(sharded[n].detach())
+
+
+def _whole(t):
+    """A sharded (DTensor) tensor made whole: an all-gather, so every process must call it. Others come back as they are."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _like(t, p):
+    """A whole tensor `t` cut the way parameter `p` is held: this process' slice when p is sharded, else t itself."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    return distribute_tensor(t.to(p.device), p.device_mesh, p.placements) if isinstance(p, DTensor) else t
+
+
+def _optimizer_state(opt, keep: bool = True) -> dict:
+    """opt.state_dict() with every state tensor whole (sharded: all-gathers, every process calls it; only those with
+    `keep` hold them, on the CPU): a sharded run's checkpoint is the one a single process writes."""
+    sd = opt.state_dict()
+    state: dict = {}
+    for i, s in sd["state"].items():
+        for k, v in s.items():
+            t = _whole(v)
+            if keep:
+                state.setdefault(i, {})[k] = t.cpu()
+    return {**sd, "state": state}
+
+
+def _load_optimizer_state(opt, sd: dict) -> None:
+    """The inverse of _optimizer_state: each whole state tensor cut the way its parameter is held."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    state = {i: {k: v if k == "step" else _like(v, params[i]) for k, v in s.items()} for i, s in sd["state"].items()}
+    opt.load_state_dict({**sd, "state": state})
 
 
 def _catch_stop_signals() -> tuple[list[int], dict]:
@@ -516,16 +631,29 @@ def train(
 
     acc = _accelerator(cfg)
     world, rank, main = acc.num_processes, acc.process_index, acc.is_main_process
+    device = acc.device
     set_seed(cfg.seed)
     if cfg.grad_checkpointing:
         _grad_checkpointing(model)
+    sharded = _shard_or_not(cfg, acc, model)
+    caller_model = model
+    if sharded:  # the optimizer must see the sharded parameters, so sharding comes first
+        model = raw_model = _shard(model, extra_modules, device, world)
+        extra_wrapped = dict(extra_modules)
+        held = sum(p.to_local().numel() for p in model.parameters())
+        print(f"train: sharding fsdp: process {rank} of {world} holds {held} of the model's "
+              f"{sum(p.numel() for p in model.parameters())} weights")
     params, opt, sched = _optimizer(model, extra_modules, cfg)
     n_trainable = sum(p.numel() for p in params)
-    wrapped = acc.prepare(model, *extra_modules.values())
-    wrapped = list(wrapped) if extra_modules else [wrapped]
-    model, extra_wrapped = wrapped[0], dict(zip(extra_modules, wrapped[1:]))
-    raw_model = acc.unwrap_model(model)
-    device = acc.device
+    if not sharded:
+        wrapped = acc.prepare(model, *extra_modules.values())
+        wrapped = list(wrapped) if extra_modules else [wrapped]
+        model, extra_wrapped = wrapped[0], dict(zip(extra_modules, wrapped[1:]))
+        raw_model = acc.unwrap_model(model)
+    raw_extras = {k: acc.unwrap_model(m) for k, m in extra_wrapped.items()}
+    if sharded and masks:  # a mask is cut like its weight, once
+        held_as = dict(raw_model.named_parameters())
+        masks = {n: _like(m, held_as[n]) for n, m in masks.items()}
 
     ckpt_dir = out / "checkpoint"
     metrics_path = out / "metrics.jsonl"
@@ -534,8 +662,8 @@ def train(
     metrics: list[dict] = []
     if cfg.resume:  # weights, optimizer, schedule, counters and RNG exactly where the checkpoint left them
         st = _load_checkpoint(ckpt_dir, cfg, world)
-        _load_trainable_state(raw_model, {k: acc.unwrap_model(m) for k, m in extra_wrapped.items()}, st["weights"])
-        opt.load_state_dict(st["optimizer"])
+        _load_trainable_state(raw_model, raw_extras, st["weights"])
+        _load_optimizer_state(opt, st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         step, best_val, first_val, last_val = st["step"], st["best_val"], st["first_val"], st["last_val"]
         bad_evals, tokens_seen, elapsed_before = st["bad_evals"], st["tokens"], st["elapsed"]
@@ -544,11 +672,13 @@ def train(
             metrics = [m for m in metrics if m.get("step", 0) <= step]
 
     def save_checkpoint() -> None:
+        # every process takes part: sharded weights and optimizer states are gathered whole onto the main one
+        weights, optimizer = _trainable_state(raw_model, raw_extras, keep=main), _optimizer_state(opt, keep=main)
         if not main:
             return
         st = {
-            "weights": _trainable_state(raw_model, {k: acc.unwrap_model(m) for k, m in extra_wrapped.items()}),
-            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
+            "weights": weights,
+            "optimizer": optimizer, "scheduler": sched.state_dict(), "step": step,
             "best_val": best_val, "first_val": first_val, "last_val": last_val, "bad_evals": bad_evals,
             "tokens": tokens_seen, "elapsed": elapsed_before + (time.time() - t0),
             "rng_torch": torch.get_rng_state(), "rng_python": random.getstate(),
@@ -558,6 +688,11 @@ def train(
             torch.save(st, tmp / "state.pt")
             write_json(tmp / "info.json", {"step": step, "run": run_info or {}})
         write_metrics()
+
+    def save_best() -> None:
+        weights = _trainable_state(raw_model, raw_extras, keep=main)  # every process: a sharded model is gathered
+        if main:
+            torch.save(weights, best_path)
 
     def write_metrics() -> None:
         if not main:
@@ -582,11 +717,15 @@ def train(
             for bi in range(n_batches):
                 idx = list(range(bi * per, min(n, (bi + 1) * per)))[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
                 if not idx:
+                    if sharded:  # a sharded forward is collective: a process without examples runs one and drops it
+                        val_loss_fn(model, batch_on_device(val_examples[:1]))
                     continue
                 loss_sum, ntok = val_loss_fn(model, batch_on_device([val_examples[i] for i in idx]))
                 total += loss_sum.float()
                 count += ntok
         total, count = acc.reduce(total, "sum"), acc.reduce(count, "sum")
+        if sharded:  # FSDP keeps the top module's weights whole after a forward without backward: back to slices
+            model.reshard()
         model.train()
         return float(total / count.clamp(min=1))
 
@@ -609,8 +748,8 @@ def train(
     if val_examples and step == 0:  # the baseline: "validation loss decreases" needs a starting point
         first_val = last_val = best_val = evaluate()
         metrics.append({"step": 0, "val_loss": round(first_val, 6)})
-        if main and cfg.keep_best:  # training that only makes things worse gives back the starting weights
-            torch.save(_trainable_state(raw_model, {k: acc.unwrap_model(m) for k, m in extra_wrapped.items()}), best_path)
+        if cfg.keep_best:  # training that only makes things worse gives back the starting weights
+            save_best()
     model.train()
     t0 = time.time()  # the time budget counts training, not the baseline evaluation
     stopped = "max_steps"
@@ -618,10 +757,15 @@ def train(
     tok_window = (time.time(), tokens_seen)
     try:
         while step < cfg.max_steps:
-            if budget is not None and elapsed_before + (time.time() - t0) >= budget:
+            elapsed, signalled = elapsed_before + time.time() - t0, float(bool(stop_signal))
+            if world > 1:  # all processes stop at the same step (one stopping alone leaves the rest waiting in a
+                # collective): a signal reaching one counts for all, the budget and the phase read the mean clock
+                both = torch.tensor([elapsed / world, signalled], dtype=torch.float64, device=device)
+                elapsed, signalled = acc.reduce(both, "sum").tolist()
+            if budget is not None and elapsed >= budget:
                 stopped = "time_budget"
                 break
-            if stop_signal:
+            if signalled:
                 stopped = "interrupted"
                 break
             micro_batches = []
@@ -634,11 +778,12 @@ def train(
             step_loss = torch.zeros((), device=device)
             # how far through the run this step is (0..1, by the clock under a time budget, else by steps):
             # a loss with phases (distill's block-wise phase) reads it, and it survives a resume
-            progress = ((elapsed_before + time.time() - t0) / budget) if budget is not None else step / max(1, cfg.max_steps)
+            progress = (elapsed / budget) if budget is not None else step / max(1, cfg.max_steps)
             for mi, b in enumerate(micro_batches):
                 b["progress"] = min(1.0, progress)
                 sync = mi == len(micro_batches) - 1
-                ctx = acc.no_sync(model) if (not sync and world > 1) else _nullctx()
+                # sharded: gradients are reduce-scattered after every micro-batch (skipping it would keep them whole)
+                ctx = acc.no_sync(model) if (not sync and world > 1 and not sharded) else _nullctx()
                 with ctx, acc.autocast():
                     loss_sum, _ = loss_fn(model, b)
                     loss = loss_sum.float() * world / max(global_tok, 1)
@@ -682,8 +827,8 @@ def train(
                     writer.add_scalar("val/loss", v, step)
                 if best_val is None or v < best_val - 1e-6:
                     best_val, bad_evals = v, 0
-                    if main and cfg.keep_best:
-                        torch.save(_trainable_state(raw_model, {k: acc.unwrap_model(m) for k, m in extra_wrapped.items()}), best_path)
+                    if cfg.keep_best:
+                        save_best()
                 else:
                     bad_evals += 1
                     if cfg.early_stopping and bad_evals >= cfg.early_stopping:
@@ -704,8 +849,8 @@ def train(
             metrics.append({"step": step, "val_loss": round(v, 6)})
             if best_val is None or v < best_val - 1e-6:
                 best_val = v
-                if main and cfg.keep_best:
-                    torch.save(_trainable_state(raw_model, {k: acc.unwrap_model(m) for k, m in extra_wrapped.items()}), best_path)
+                if cfg.keep_best:
+                    save_best()
         if cfg.save_every or stopped == "interrupted":
             save_checkpoint()  # a finished run keeps no optimizer state unless checkpoints were asked for
         acc.wait_for_everyone()
@@ -720,8 +865,9 @@ def train(
         write_metrics()
         raise KeyboardInterrupt(f"interrupted at step {step}; checkpoint saved in {ckpt_dir} (continue with --resume)")
     if cfg.keep_best and val_examples and best_path.is_file():
-        _load_trainable_state(raw_model, {k: acc.unwrap_model(m) for k, m in extra_wrapped.items()},
-                              torch.load(best_path, map_location="cpu", weights_only=True))
+        _load_trainable_state(raw_model, raw_extras, torch.load(best_path, map_location="cpu", weights_only=True))
+    if sharded:
+        _unshard_into(caller_model, model)
     acc.wait_for_everyone()
     if main and best_path.is_file():
         best_path.unlink()
