@@ -22,7 +22,7 @@ def test_divergences_match_definitions():
     import torch
     import torch.nn.functional as F
 
-    from edgesmith.distill.distill import LOSSES, js_divergence, kd_loss_full, kl_forward, kl_reverse
+    from edgesmith.distill.losses import LOSSES, js_divergence, kd_loss_full, kl_forward, kl_reverse
 
     s, t = _logits(seed=0), _logits(seed=1)
     sl, tl = F.log_softmax(s, -1), F.log_softmax(t, -1)
@@ -44,7 +44,7 @@ def test_topk_with_full_support_equals_full_loss():
     import torch
     import torch.nn.functional as F
 
-    from edgesmith.distill.distill import LOSSES, kd_loss_full, kd_loss_topk
+    from edgesmith.distill.losses import LOSSES, kd_loss_full, kd_loss_topk
 
     s, t = _logits(seed=2), _logits(seed=3)
     v, i = F.log_softmax(t, -1).topk(t.shape[-1], dim=-1)
@@ -90,7 +90,8 @@ def _models(tiny_factory):
 def test_chunked_loss_equals_unchunked_with_gradients(tiny_factory):
     import torch
 
-    from edgesmith.distill.distill import DistillConfig, make_loss_fn
+    from edgesmith.distill.distill import DistillConfig
+    from edgesmith.distill.losses import make_loss_fn
     from edgesmith.modelio import load_model
     from edgesmith.trainloop import IGNORE, collate
 
@@ -312,7 +313,7 @@ def _block_errors(teacher, student, bmap, batch):
     """Each student block's normalised error against the teacher's stream, every block fed the teacher's input."""
     import torch
 
-    from edgesmith.distill.distill import BlockTaps, block_distance
+    from edgesmith.distill.losses import BlockTaps, block_distance
 
     s_taps, t_taps = BlockTaps(student), BlockTaps(teacher)
     with torch.no_grad():
@@ -325,7 +326,8 @@ def _block_errors(teacher, student, bmap, batch):
 
 
 def test_block_map_and_a_copy_of_the_teacher_has_zero_block_loss(tiny_factory):
-    from edgesmith.distill.distill import BlockTaps, DistillConfig, block_map, make_loss_fn
+    from edgesmith.distill.distill import DistillConfig
+    from edgesmith.distill.losses import BlockTaps, block_map, make_loss_fn
     from edgesmith.modelio import load_model
     from edgesmith.trainloop import collate
 
@@ -352,7 +354,8 @@ def test_block_map_and_a_copy_of_the_teacher_has_zero_block_loss(tiny_factory):
 def test_blockwise_phase_reduces_every_blocks_error(tiny_factory, tmp_path, monkeypatch):
     from edgesmith.compress.prune import PruneConfig
     from edgesmith.compress.prune import run as prune
-    from edgesmith.distill.distill import DistillConfig, block_map, run
+    from edgesmith.distill.distill import DistillConfig, run
+    from edgesmith.distill.losses import block_map
     from edgesmith.modelio import load_model
     from edgesmith.trainloop import TrainConfig, collate
 
