@@ -171,7 +171,7 @@ def test_chat_on_a_base_model_warns_and_completes_raw_text(tmp_path, tokenizer_d
     import subprocess
     import sys
 
-    from edgesmith.chat import HFChat, raw_prompt
+    from edgesmith.chat_backends import HFChat, raw_prompt
 
     d = _no_template_dir(tmp_path, tokenizer_dir)
     bot = HFChat(str(d))
