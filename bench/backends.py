@@ -234,7 +234,7 @@ class OnnxBenchLM:
     backend = "onnx"
 
     def __init__(self, path: Path, threads: int, n_ctx: int = 2048):
-        from edgesmith.export.onnx import OnnxLM
+        from edgesmith.export.onnx_runtime import OnnxLM
 
         self.lm = OnnxLM(path, threads=threads)
         self.tok = _HFTokenizer(path)

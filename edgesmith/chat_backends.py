@@ -163,7 +163,7 @@ class OnnxChat:
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None):
         from .export.ollama import model_sampling
-        from .export.onnx import OnnxLM
+        from .export.onnx_runtime import OnnxLM
 
         self.lm = OnnxLM(path, threads=threads)
         self.eos_ids = set(self.lm.eos_ids)

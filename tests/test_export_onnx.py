@@ -1,5 +1,5 @@
 """ONNX export: a decoder with KV cache via optimum-onnx, greedy parity with HF fp32, int8/int4
-weight quantisation, and OnnxLM (onnxruntime + tokenizers only) for chat and benchmarks.
+weight quantisation, and OnnxLM (export/onnx_runtime.py: onnxruntime + tokenizers only) for chat and benchmarks.
 One export per module (tiny random Llama for the unit tests, the real default model for the slow one)."""
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import pytest
 from conftest import make_tiny_llama
 from edgesmith.errors import EdgesmithError
 from edgesmith.chat_template import render_chat_template
-from edgesmith.export.onnx import PROVENANCE, OnnxLM, export_onnx, onnx_model_bytes
+from edgesmith.export.onnx import PROVENANCE, export_onnx, onnx_model_bytes
+from edgesmith.export.onnx_runtime import OnnxLM
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +139,7 @@ def test_chat_template_and_streaming(exported, tokenizer_dir):
 def test_onnxlm_needs_no_torch(exported):
     """Device installs have onnxruntime + tokenizers but no torch/transformers."""
     code = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
-            "from edgesmith.export.onnx import OnnxLM\n"
+            "from edgesmith.export.onnx_runtime import OnnxLM\n"
             f"lm = OnnxLM({str(exported['fp32']['path'])!r}, threads=1)\n"
             "ids = lm.tokenize('Hello'); out = lm.generate(ids, 4, eos_ids=())\n"
             "print(len(out), lm.logits(ids).shape)")

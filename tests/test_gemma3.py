@@ -187,7 +187,8 @@ def test_chat_on_a_base_model_warns_and_completes_raw_text(tmp_path, tokenizer_d
 def test_tiny_gemma3_onnx_parity_beyond_the_sliding_window(tmp_path, tokenizer_dir):
     """optimum-onnx's gemma3_text export with KV cache: logits equal HF's for a 20-token prefill and for 17 cached
     one-token steps, well past the sliding window of 4 (the sliding layers must drop the old keys)."""
-    from edgesmith.export.onnx import OnnxLM, export_onnx
+    from edgesmith.export.onnx import export_onnx
+    from edgesmith.export.onnx_runtime import OnnxLM
 
     model = tiny_gemma3(seed=2)
     d = _save_tiny(model, tmp_path / "g3", tokenizer_dir)
