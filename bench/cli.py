@@ -1,7 +1,6 @@
 """`edgesmith bench ARTIFACT...` and `edgesmith report RESULTS...` (see bench/harness.py, bench/report.py)."""
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -13,13 +12,13 @@ def cmd_bench(args) -> int:
     from edgesmith.bench.report import terminal_table
     from edgesmith.fsutil import write_json
 
-    s = BenchSettings(
-        artifacts=args.artifacts, ppl=not args.no_ppl, ppl_text=args.ppl_text, ctx=args.ctx, max_chunks=args.max_chunks,
-        tasks=args.tasks.split(",") if args.tasks else [], data_dir=args.data_dir, limit=args.limit,
-        gen_max_new_tokens=args.gen_max_new_tokens, reference=args.reference, agree_chunks=args.agree_chunks,
-        latency=args.latency, threads=args.threads, repeat=args.repeat, seed=args.seed,
-        task_kinds=[k for k in args.task_kinds.split(",") if k] if args.task_kinds else None,
-    )
+    from edgesmith.config import config_from_args
+
+    def csv(v):
+        return [x.strip() for x in v.split(",") if x.strip()] if v else None
+
+    s = config_from_args(BenchSettings, args, given={"artifacts": args.artifacts, "tasks": csv(args.tasks),
+                                                     "task_kinds": csv(args.task_kinds)})
     bad = sorted(set(s.task_kinds or []) - {"hf", "gguf", "onnx"})
     if bad:
         raise EdgesmithError(f"--task-kinds: unknown kind {bad[0]!r} (expected hf, gguf or onnx)")
@@ -89,23 +88,16 @@ def register(sub) -> None:
                        description="Perplexity (llama-perplexity's method), multiple-choice and generation tasks, agreement "
                        "with a reference, and latency of each ARTIFACT: an HF dir, a .gguf, an ONNX dir, or an "
                        "`edgesmith export` output dir (all its artifacts). 'default' = the embedded GGUF.")
+    from edgesmith.bench.harness import BenchSettings
+    from edgesmith.config import add_config_args
+
     p.add_argument("artifacts", nargs="+", metavar="ARTIFACT")
-    p.add_argument("--ppl-text", metavar="FILE", help="text to score (default: WikiText-2 raw test in --data-dir)")
-    p.add_argument("--no-ppl", action="store_true", help="skip perplexity")
-    p.add_argument("--ctx", type=int, default=512, help="perplexity window in tokens (default 512; 2nd half scored)")
-    p.add_argument("--max-chunks", type=int, metavar="N", help="score at most N windows (default: whole text)")
     p.add_argument("--tasks", metavar="LIST", help=f"comma-separated: {', '.join(TASKS)}, or FILE.jsonl ({{query, choices, gold}})")
-    p.add_argument("--data-dir", metavar="DIR", help="folder with mc/, instruct/, lm/ (default ../shared/data when present)")
-    p.add_argument("--limit", type=int, metavar="N", help="first N items per task")
-    p.add_argument("--gen-max-new-tokens", type=int, default=128, help="generation budget for generation tasks (default 128)")
-    p.add_argument("--reference", metavar="ARTIFACT", help="compare token distributions with this artifact (KL, top-1)")
-    p.add_argument("--agree-chunks", type=int, default=4, help="perplexity windows used for agreement (default 4)")
     p.add_argument("--task-kinds", default=None, metavar="KINDS",
                    help="run --tasks only on these artifact kinds, e.g. hf or hf,gguf (default: every artifact)")
-    p.add_argument("--latency", action="store_true", help="measure load, TTFT, pp512, tg128, peak RSS")
-    p.add_argument("--threads", type=int, default=0, help="threads (default: all usable CPUs); the child is pinned")
-    p.add_argument("--repeat", type=int, default=5, help="timed repetitions after a warm-up (default 5)")
-    p.add_argument("--seed", type=int, default=0)
+    # every other setting is a BenchSettings field: --ctx, --max-chunks, --limit, --latency, --no-ppl, ... and
+    # --recipe (a settings file, or a pipeline recipe's stages.bench measurement settings) / --set KEY=VALUE
+    add_config_args(p, BenchSettings, skip=("artifacts", "tasks", "task_kinds", "extra_texts"))
     p.add_argument("--json", metavar="FILE", help="write the results JSON (schema 1) here")
     g = p.add_argument_group("remote device (SSH: your ~/.ssh config and keys, BatchMode, never a password)")
     g.add_argument("--remote", metavar="[USER@]HOST[:PORT]", help="copy the artifacts and task files there, run the "

@@ -228,8 +228,12 @@ def load_yaml(path: str | Path) -> dict:
 
 
 # pipeline recipes (`stages:` mapping) hold every stage's settings; a stage command given one reads its own section
-STAGE_OF = {"PruneConfig": "prune", "DistillConfig": "distill", "FinetuneConfig": "finetune", "ExportConfig": "export"}
+STAGE_OF = {"PruneConfig": "prune", "DistillConfig": "distill", "FinetuneConfig": "finetune", "ExportConfig": "export",
+            "BenchSettings": "bench"}
 MODEL_KEY = {"prune": "model", "distill": "teacher", "finetune": "model", "export": "model"}
+# keys of a pipeline's stages.<stage> section that only the pipeline uses: the bench stage's choice of artifacts
+# (`edgesmith bench` takes its artifacts from the command line, and the recipe's measurement settings from here)
+PIPELINE_ONLY = {"bench": ("corpus_chunks", "teacher", "export_formats", "teacher_quants", "teacher_source_gguf")}
 
 
 def load_stage_yaml(path: str | Path, cls: type) -> dict:
@@ -242,8 +246,8 @@ def load_stage_yaml(path: str | Path, cls: type) -> dict:
     if stage is None or not isinstance(stages, dict) or stage not in stages:
         raise EdgesmithError(f"{path}: pipeline recipe has no stages.{stage} section "
                              f"(it has {', '.join(stages) if isinstance(stages, dict) else 'none'})")
-    section = dict(stages[stage] or {})
-    if "model" in data and MODEL_KEY[stage] not in section:
+    section = {k: v for k, v in (stages[stage] or {}).items() if k not in PIPELINE_ONLY.get(stage, ())}
+    if "model" in data and stage in MODEL_KEY and MODEL_KEY[stage] not in section:
         section[MODEL_KEY[stage]] = data["model"]
     return section
 

@@ -78,3 +78,37 @@ def test_every_stage_command_reads_a_recipe_then_flags_then_set(tmp_path, stage,
     args = parse("--recipe", str(recipe), "--set", "no_such_key=1")
     with pytest.raises(Exception, match=rf"{recipe}: .*no_such_key"):
         config_from_args(cls, args, given(args))
+
+
+def test_bench_reads_a_recipe_then_flags_then_set(tmp_path):
+    """`edgesmith bench` takes the same path as the stage commands: a pipeline recipe's stages.bench measurement
+    settings (its choice of artifacts is the pipeline's: dropped, the command line names the artifacts), then flags,
+    then --set."""
+    import dataclasses
+
+    import yaml
+
+    from edgesmith.bench.cli import cmd_bench  # noqa: F401 - the command the parser dispatches to
+    from edgesmith.bench.harness import BenchSettings, BenchStage
+    from edgesmith.config import PIPELINE_ONLY, config_from_args
+
+    names = lambda c: {f.name for f in dataclasses.fields(c)}  # noqa: E731
+    assert set(PIPELINE_ONLY["bench"]) == names(BenchStage) - names(BenchSettings)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": "default", "stages": {"bench": {
+        "limit": 30, "tasks": ["piqa"], "latency": True, "teacher": False, "teacher_quants": ["Q4_K_M"]}}}))
+
+    def cfg(*a):
+        args = build_parser().parse_args(["bench", "a.gguf", "b.gguf", *a])
+        csv = lambda v: v.split(",") if v else None  # noqa: E731
+        return config_from_args(BenchSettings, args, {"artifacts": args.artifacts, "tasks": csv(args.tasks),
+                                                      "task_kinds": csv(args.task_kinds)})
+
+    s = cfg("--recipe", str(recipe))
+    assert (s.artifacts, s.limit, s.tasks, s.latency, s.ctx) == (["a.gguf", "b.gguf"], 30, ["piqa"], True, 512)
+    s = cfg("--recipe", str(recipe), "--limit", "40", "--tasks", "arc_easy,piqa", "--no-latency")
+    assert (s.limit, s.tasks, s.latency) == (40, ["arc_easy", "piqa"], False)
+    assert cfg("--recipe", str(recipe), "--limit", "40", "--set", "limit=50").limit == 50
+    assert cfg("--no-ppl").ppl is False and cfg().ppl is True and cfg().repeat == 5
+    with pytest.raises(Exception, match=rf"{recipe}: .*no_such_key"):
+        cfg("--recipe", str(recipe), "--set", "no_such_key=1")
