@@ -28,6 +28,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgesmith import processes
 from edgesmith.config import to_dict
 from edgesmith.errors import ConfigError, EdgesmithError
 from edgesmith.trainloop import TrainConfig
@@ -276,18 +277,22 @@ def run(cfg: DistillConfig) -> Path:
     if not cfg.student:
         raise EdgesmithError("distill: no --student given (an HF directory, e.g. the output of edgesmith prune)")
     out = ensure_writable_dir(cfg.out)
-    t_path, s_path = modelio.resolve(cfg.teacher), modelio.resolve(cfg.student)
+    # under `accelerate launch` every process runs this; the main one alone writes the output, and what the processes
+    # share through the cache (a materialised GGUF, the teacher's corpus or top-k targets) is built once per machine
+    procs = processes.state()
+    device = procs.device  # this process's GPU under accelerate launch, else cpu
+    with processes.main_first():
+        t_path, s_path = modelio.resolve(cfg.teacher), modelio.resolve(cfg.student)
     t_tok, s_tok = modelio.load_tokenizer(t_path), modelio.load_tokenizer(s_path)
     check_same_vocab(t_tok, s_tok, cfg.teacher, cfg.student)
     torch.manual_seed(cfg.train.seed)
-    from accelerate import PartialState
-
-    device = PartialState().device  # this process's GPU under accelerate launch, else cpu
     # refuse a run that cannot fit before the teacher writes a corpus or anything is loaded
     use_blocks = cfg.block_weight > 0 or cfg.block_phase > 0
     need_teacher = cfg.data != "teacher" or cfg.hidden_weight > 0 or use_blocks
     if device.type == "cpu":
-        print(f"distill: {check_memory_fits(cfg, t_path, s_path, need_teacher, PartialState().num_processes)}")
+        line = check_memory_fits(cfg, t_path, s_path, need_teacher, procs.num_processes)
+        if procs.is_main_process:
+            print(f"distill: {line}")
     pad_id = s_tok.pad_token_id if s_tok.pad_token_id is not None else s_tok.eos_token_id
     cache = None
     if cfg.data == "teacher":
@@ -297,7 +302,8 @@ def run(cfg: DistillConfig) -> Path:
         from .teacher_data import build_teacher_corpus
 
         t0 = time.time()
-        corpus = build_teacher_corpus(cfg.teacher, cfg.corpus)
+        with processes.main_first():
+            corpus = build_teacher_corpus(cfg.teacher, cfg.corpus)
         train_ex, val_ex, data_info = corpus_examples(corpus, cfg)
         data_info["seconds"] = round(time.time() - t0, 1)
         cache = TopkCache(corpus)
@@ -306,7 +312,8 @@ def run(cfg: DistillConfig) -> Path:
         print(f"distill: teacher corpus {data_info['tokens']} tokens ({data_info['mix']['text']['tokens']} free text, "
               f"{data_info['mix']['chat']['tokens']} chat), {len(train_ex)} train / {len(val_ex)} validation sequences")
     else:
-        train_recs, val_recs, data_info = load_data(cfg)
+        with processes.main_first():  # teacher:N samples its answers once
+            train_recs, val_recs, data_info = load_data(cfg)
         train_ex, tr_counts, val_ex, va_counts = encode_split(train_recs, val_recs, s_tok, cfg.max_length, cfg.packing,
                                                               cfg.assistant_only)
         print(f"distill: {len(train_ex)} train / {len(val_ex)} validation examples ({tr_counts['tokens']} train tokens, "
@@ -325,7 +332,8 @@ def run(cfg: DistillConfig) -> Path:
 
         key = hashlib.sha256(json.dumps([model_fingerprint(t_path), cfg.cache_teacher_topk,
                                          [e["input_ids"] for e in train_ex], [e["labels"] for e in train_ex]]).encode()).hexdigest()[:20]
-        cache = TopkCache(build_topk_cache(teacher, train_ex, cfg.cache_teacher_topk, key, pad_id))
+        with processes.main_first():
+            cache = TopkCache(build_topk_cache(teacher, train_ex, cfg.cache_teacher_topk, key, pad_id))
 
     n_s = student.config.num_hidden_layers
     n_t = read_hf_config(t_path).get("num_hidden_layers", n_s)
@@ -375,31 +383,35 @@ def run(cfg: DistillConfig) -> Path:
                 extra_modules=extra, val_loss_fn=val_loss_fn, masks=None if cfg.lora else masks,
                 run_info={"stage": "distill", "teacher": str(t_path), "student": str(s_path)})
 
-    student.eval()
-    if cfg.lora:
-        student = student.merge_and_unload()
-        if masks:  # the merged adapters filled the zeros: the pattern is the student's, so it comes back
-            apply_masks(student, masks)
-    student.config._name_or_path = f"{modelio.model_name(s_path)}-distilled"
+    def write_outputs() -> None:  # the main process only: the others wait in main_writes
+        nonlocal student
+        student.eval()
+        if cfg.lora:
+            student = student.merge_and_unload()
+            if masks:  # the merged adapters filled the zeros: the pattern is the student's, so it comes back
+                apply_masks(student, masks)
+        student.config._name_or_path = f"{modelio.model_name(s_path)}-distilled"
 
-    def write(tmp: Path) -> None:
-        student.save_pretrained(str(tmp), safe_serialization=True)
-        s_tok.save_pretrained(str(tmp))
-        (tmp / "edgesmith.json").write_text(json.dumps({"name": f"{modelio.model_name(s_path)}-distilled",
-                                                        "source": str(s_path), "teacher": str(t_path),
-                                                        "license": modelio.model_license(s_path)}, indent=2))
+        def write(tmp: Path) -> None:
+            student.save_pretrained(str(tmp), safe_serialization=True)
+            s_tok.save_pretrained(str(tmp))
+            (tmp / "edgesmith.json").write_text(json.dumps({"name": f"{modelio.model_name(s_path)}-distilled",
+                                                            "source": str(s_path), "teacher": str(t_path),
+                                                            "license": modelio.model_license(s_path)}, indent=2))
 
-    save_files_into(out, write, ".model-tmp")
-    write_json(out / "distill.json", {
-        "stage": "distill", "teacher": str(t_path), "student": str(s_path), "data": data_info,
-        "examples": {"train": len(train_ex), "validation": len(val_ex), "train_counts": tr_counts, "validation_counts": va_counts},
-        "layer_pairs": [f"{a}:{b}" for a, b in pairs] if cfg.hidden_weight > 0 else [],
-        "blockwise": block_info,
-        "sparsity_kept": bool(masks),
-        "teacher_topk_cache": (cfg.corpus.topk if cfg.data == "teacher" else cfg.cache_teacher_topk) or None,
-        # how much of the corpus training saw: epochs > 1 means tokens were repeated
-        "epochs": round(res.tokens / max(1, tr_counts["tokens"]), 3),
-        "train_tokens_per_s": round(res.tokens / max(res.seconds, 1e-9), 1),
-        "result": result_dict(res), "config": to_dict(cfg),
-    })
+        save_files_into(out, write, ".model-tmp")
+        write_json(out / "distill.json", {
+            "stage": "distill", "teacher": str(t_path), "student": str(s_path), "data": data_info,
+            "examples": {"train": len(train_ex), "validation": len(val_ex), "train_counts": tr_counts, "validation_counts": va_counts},
+            "layer_pairs": [f"{a}:{b}" for a, b in pairs] if cfg.hidden_weight > 0 else [],
+            "blockwise": block_info,
+            "sparsity_kept": bool(masks),
+            "teacher_topk_cache": (cfg.corpus.topk if cfg.data == "teacher" else cfg.cache_teacher_topk) or None,
+            # how much of the corpus training saw: epochs > 1 means tokens were repeated
+            "epochs": round(res.tokens / max(1, tr_counts["tokens"]), 3),
+            "train_tokens_per_s": round(res.tokens / max(res.seconds, 1e-9), 1),
+            "result": result_dict(res), "config": to_dict(cfg),
+        })
+
+    processes.main_writes(write_outputs)
     return out

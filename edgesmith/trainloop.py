@@ -416,9 +416,9 @@ def _accelerator(cfg: TrainConfig):
     from accelerate.state import AcceleratorState
 
     cpu = not torch.cuda.is_available()
-    # a stage that asked PartialState() for its device first (distill does) set it up without cpu=True, which on a
-    # machine without CUDA reads as one process even under `accelerate launch`: that one is forgotten, so the processes
-    # join over gloo here instead of each training alone
+    # code that asked a bare PartialState() for its device first set it up without cpu=True, which on a machine without
+    # CUDA reads as one process even under `accelerate launch`: that one is forgotten, so the processes join over gloo
+    # here instead of each training alone (the stages ask edgesmith.processes.state(), which asks for the CPU)
     alone = cpu and PartialState().num_processes == 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1
     # a second run in the same process may use another precision: forget the previous run's settings
     # (the process group of `accelerate launch`, kept in PartialState, stays)
@@ -717,7 +717,8 @@ def train(
             for bi in range(n_batches):
                 idx = list(range(bi * per, min(n, (bi + 1) * per)))[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
                 if not idx:
-                    if sharded:  # a sharded forward is collective: a process without examples runs one and drops it
+                    if world > 1:  # a forward is collective (FSDP all-gathers weights, DDP broadcasts buffers such
+                        # as rotary frequencies): a process without examples runs one and drops it, or the others hang
                         val_loss_fn(model, batch_on_device(val_examples[:1]))
                     continue
                 loss_sum, ntok = val_loss_fn(model, batch_on_device([val_examples[i] for i in idx]))

@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgesmith import processes
 from edgesmith.config import to_dict
 from edgesmith.errors import ConfigError, EdgesmithError
 from edgesmith.trainloop import TrainConfig
@@ -143,7 +144,11 @@ def run(cfg: FinetuneConfig) -> Path:
         raise EdgesmithError("finetune: no --data given (a prepared split directory or a data file)")
     out = ensure_writable_dir(cfg.out)
     torch.manual_seed(cfg.train.seed)
-    base_path = modelio.resolve(cfg.model)
+    # under `accelerate launch` every process runs this: a GGUF base is materialised once per machine, and the main
+    # process alone writes the output
+    processes.state()
+    with processes.main_first():
+        base_path = modelio.resolve(cfg.model)
     model, tok = load_base(cfg)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
@@ -173,24 +178,27 @@ def run(cfg: FinetuneConfig) -> Path:
     res = train(model, train_ex, ce_loss, cfg.train, out, pad_id=pad_id, val_examples=val_ex or None, masks=masks,
                 run_info={"stage": "finetune", "model": str(base_path), "method": cfg.method})
 
-    # save: the adapter on its own (base recorded as the resolved directory), tokenizer next to it
-    model.eval()
-    if pcfg is not None:
-        model.peft_config["default"].base_model_name_or_path = str(base_path)
+    def write_outputs() -> None:  # the main process only: the others wait in main_writes
+        # save: the adapter on its own (base recorded as the resolved directory), tokenizer next to it
+        model.eval()
+        if pcfg is not None:
+            model.peft_config["default"].base_model_name_or_path = str(base_path)
 
-    def write(tmp: Path) -> None:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        if pcfg is None:
-            (tmp / "edgesmith.json").write_text(json.dumps({"name": f"{modelio.model_name(cfg.model)}-ft", "source": str(base_path),
-                                                              "license": modelio.model_license(base_path)}, indent=2))
-        tok.save_pretrained(str(tmp))
+        def write(tmp: Path) -> None:
+            model.save_pretrained(str(tmp), safe_serialization=True)
+            if pcfg is None:
+                (tmp / "edgesmith.json").write_text(json.dumps({"name": f"{modelio.model_name(cfg.model)}-ft", "source": str(base_path),
+                                                                  "license": modelio.model_license(base_path)}, indent=2))
+            tok.save_pretrained(str(tmp))
 
-    save_files_into(out, write, ".adapter-tmp")
-    write_json(out / "finetune.json", {
-        "stage": "finetune", "base_model": str(base_path), "base_name": modelio.model_name(cfg.model),
-        "method": cfg.method, "qlora": cfg.qlora, "mergeable": True,
-        "data": {"train": train_counts, "validation": val_counts, "packing": cfg.packing,
-                 "train_examples": len(train_ex), "validation_examples": len(val_ex)},
-        "result": result_dict(res), "config": to_dict(cfg),
-    })
+        save_files_into(out, write, ".adapter-tmp")
+        write_json(out / "finetune.json", {
+            "stage": "finetune", "base_model": str(base_path), "base_name": modelio.model_name(cfg.model),
+            "method": cfg.method, "qlora": cfg.qlora, "mergeable": True,
+            "data": {"train": train_counts, "validation": val_counts, "packing": cfg.packing,
+                     "train_examples": len(train_ex), "validation_examples": len(val_ex)},
+            "result": result_dict(res), "config": to_dict(cfg),
+        })
+
+    processes.main_writes(write_outputs)
     return out
