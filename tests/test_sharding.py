@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,19 +25,11 @@ import pytest
 
 from edgesmith.errors import ConfigError, EdgesmithError
 from edgesmith.trainloop import TrainConfig
+from multiproc import launch, two_processes
 
 REPO = Path(__file__).resolve().parents[1]
 LOSS_RTOL = 1e-5    # per-step training and validation loss, relative
 WEIGHT_ATOL = 1e-4  # every weight, absolute
-
-
-def _launch(cmd: list[str], port_offset: int) -> subprocess.CompletedProcess:
-    """An `accelerate launch ...` command on a port of its own (other test runs may be launching too; accelerate's
-    launcher ignores MASTER_PORT), one thread per process (2 cores)."""
-    i = next(j for j, a in enumerate(cmd) if a == "launch" or a.endswith(".launch")) + 1
-    cmd = cmd[:i] + ["--main_process_port", str(29700 + port_offset + os.getpid() % 200)] + cmd[i:]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
 
 
 def _held_lines(output: str) -> list[tuple[int, int]]:
@@ -125,9 +116,7 @@ def test_fsdp_resume_after_sigint_matches_single_process(tiny_llama, tmp_path):
     from test_trainloop import _cfg, _run
 
     single, res = _run(tiny_llama, tmp_path / "single", _cfg(batch_size=2, grad_accum=2))
-    p = _launch([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                 str(REPO / "recipes/accelerate/two-processes.yaml"), str(Path(__file__)), "--worker",
-                 str(tmp_path / "fsdp"), str(tiny_llama)], 0)
+    p = launch(two_processes(str(Path(__file__)), "--worker", str(tmp_path / "fsdp"), str(tiny_llama)))
     assert p.returncode == 0, p.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / "fsdp" / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert r0["steps"] == r1["steps"] == 6 and r0["world"] == 2
@@ -186,7 +175,7 @@ def test_readme_fsdp_distill_command_matches_single_process(tiny_factory, tmp_pa
             "hidden_weight=0.1", "train.max_steps=3", "train.batch_size=2", "train.lr=3e-3", "train.warmup_steps=0",
             "train.precision=fp32", "train.save_every=2", "train.progress=false"]
     tiny = [a for kv in tiny for a in ("--set", kv)]
-    p = _launch(cmd + tiny, 100)
+    p = launch(cmd + tiny)
     assert p.returncode == 0, p.stderr[-3000:]
     held = _held_lines(p.stdout)
     assert len(held) == 2 and all(local * 2 == total for local, total in held), held

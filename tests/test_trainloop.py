@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -199,14 +198,14 @@ def test_ddp_two_processes_match_single_process(tiny_llama, tmp_path):
     """accelerate launch, 2 CPU processes (gloo), batch 2 each == 1 process with batch 4."""
     import torch
 
+    from multiproc import launch
+
     single, _ = _run(tiny_llama, tmp_path / "single", _cfg(batch_size=4, grad_accum=1, max_steps=3, eval_every=0))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     # `--multi_gpu` is accelerate's torchrun launcher; with no GPU the Accelerator runs DDP over gloo on CPU
     # (`--cpu` with several processes would need mpirun)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(29500 + os.getpid() % 1000),
-           str(Path(__file__)), "--worker", str(tmp_path / "ddp"), str(tiny_llama)]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(Path(__file__)), "--worker", str(tmp_path / "ddp"), str(tiny_llama)]
+    p = launch(cmd, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     w0 = torch.load(tmp_path / "ddp" / "rank0.pt")
     w1 = torch.load(tmp_path / "ddp" / "rank1.pt")
@@ -262,6 +261,8 @@ def test_readme_accelerate_launch_command_runs_as_written(tiny_llama, shared_dat
     import json
     import shlex
 
+    from multiproc import launch
+
     line = next(x for x in (REPO / "README.md").read_text().splitlines() if x.startswith(".venv/bin/accelerate launch"))
     cmd = shlex.split(line)
     cmd[0] = str(Path(sys.executable).parent / "accelerate")
@@ -270,8 +271,7 @@ def test_readme_accelerate_launch_command_runs_as_written(tiny_llama, shared_dat
     data.write_text(json.dumps(json.loads((shared_data / "instruct" / "alpaca_en_demo.json").read_text())[:16]))
     cmd += ["--set", f"model={tiny_llama}", "--set", f"data={data}", "--set", "train.max_steps=2", "--set", "max_length=64",
             "--set", "train.batch_size=2", "--set", "train.progress=false", "--set", "train.eval_every=0", "--set", "val_fraction=0"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(29600 + os.getpid() % 1000)}
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    p = launch(cmd)  # on a free port: accelerate's launcher ignores MASTER_PORT
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads((tmp_path / "ddp" / "finetune.json").read_text())["result"]
     assert res["world_size"] == 2 and res["steps"] == 2
