@@ -247,21 +247,28 @@ def lora_params(s, r: int) -> int:
 
 def check_memory_fits(cfg: DistillConfig, t_path: Path, s_path: Path, need_teacher: bool, processes: int = 1,
                       available: int | None = None) -> str:
-    """The training's estimated peak (edgesmith.trainloop.training_memory) against MemAvailable: one line to print,
-    or an EdgesmithError naming the numbers and what would shrink them."""
-    from edgesmith.trainloop import ModelShape, check_memory, training_memory
+    """The training's estimated peak (edgesmith.trainloop.training_memory) of `processes` processes on this machine
+    against MemAvailable: one line to print, or an EdgesmithError naming the numbers and what would shrink them. Sharded
+    (train.sharding: fsdp), each process holds 1/processes of the student's weights, gradients and AdamW states, and
+    the whole student while it is loaded and gathered back at the end (edgesmith.trainloop.sharded_memory); every
+    process holds a whole teacher when it runs during training."""
+    from edgesmith.trainloop import ModelShape, check_memory, sharded_memory, training_memory
 
     student = ModelShape.of(s_path)
     teacher = ModelShape.of(t_path) if need_teacher else None
     trainable = lora_params(student, cfg.lora_r) if cfg.lora else student.params
+    shards = processes if cfg.train.sharding == "fsdp" and processes > 1 else 1
     parts = training_memory(student, trainable, cfg.train.batch_size, cfg.max_length, cfg.chunk_size,
                             cfg.train.grad_checkpointing, teacher, 2 if cfg.teacher_dtype == "bfloat16" else 4,
-                            teacher_logits=cfg.data != "teacher" and not cfg.cache_teacher_topk)
+                            teacher_logits=cfg.data != "teacher" and not cfg.cache_teacher_topk, shards=shards)
+    if shards > 1:
+        parts = sharded_memory(parts, student, trainable, checkpoints=cfg.train.save_every > 0)
     hints = [h for h, on in (("train.grad_checkpointing=true", not cfg.train.grad_checkpointing),
                              ("teacher_dtype=bfloat16", need_teacher and cfg.teacher_dtype != "bfloat16"),
-                             ("lora=true", not cfg.lora)) if on]
+                             ("lora=true", not cfg.lora),
+                             ("train.sharding=fsdp", processes > 1 and shards == 1)) if on]
     hints += [f"a smaller train.batch_size ({cfg.train.batch_size}) or max_length ({cfg.max_length})"]
-    return check_memory("distill", parts, "try " + ", ".join(hints), processes, available)
+    return check_memory("distill", parts, "try " + ", ".join(hints), processes, available, shards)
 
 
 def run(cfg: DistillConfig) -> Path:

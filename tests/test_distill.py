@@ -471,6 +471,52 @@ def test_memory_estimate_parts_and_what_shrinks_them():
     assert "teacher weights" not in lora and lora["AdamW states"] == 8e7
 
 
+def test_memory_estimate_counts_the_sharding(monkeypatch):
+    """sharding: fsdp over N processes: each holds 1/N of the student's weights, gradients and AdamW states and a whole
+    teacher; the estimate is the largest moment (training, the whole student loaded/gathered, a checkpoint gathered on
+    the main process). Two processes that fit only sharded pass the check; too little memory even sharded is refused
+    in one line naming the numbers."""
+    from pathlib import Path
+
+    from edgesmith.distill.distill import DistillConfig, check_memory_fits
+    from edgesmith.errors import EdgesmithError
+    from edgesmith.trainloop import ModelShape, TrainConfig, sharded_memory, training_memory
+
+    s = ModelShape(params=1_000_000_000, layers=16, hidden=2048, intermediate=8192, vocab=49152)
+    t = ModelShape(params=1_700_000_000, layers=24, hidden=2048, intermediate=8192, vocab=49152)
+    whole = training_memory(s, s.params, batch=4, seq_len=512, chunk=128, teacher=t)
+    half = training_memory(s, s.params, batch=4, seq_len=512, chunk=128, teacher=t, shards=2)
+    for k in ("student weights", "gradients", "AdamW states", "optimizer step"):
+        assert half[k] == whole[k] / 2
+    assert half["teacher weights"] == whole["teacher weights"] and half["activations"] == whole["activations"]
+    assert 0 < half["gathered layers"] < whole["student weights"] / 2
+    # LoRA, sharded: the whole student, loaded before it is cut and gathered back at the end, is the peak
+    lora = sharded_memory(training_memory(s, 10_000_000, 1, 128, 128, True, shards=2), s, 10_000_000, checkpoints=True)
+    assert max(lora, key=lambda p: p.total(2)).what == "while the whole student is loaded or gathered"
+    assert lora[2].main == {"whole trainable weights": 4e7, "whole AdamW states": 8e7}
+
+    monkeypatch.setattr(ModelShape, "of", classmethod(lambda cls, p: s if Path(p).name == "student" else t))
+    GiB = 2**30
+
+    def check(sharding, avail_gib, **kw):
+        cfg = DistillConfig(student="student", data="data.json", max_length=512, teacher_dtype="bfloat16",
+                            train=TrainConfig(batch_size=4, grad_checkpointing=True, sharding=sharding, **kw))
+        return check_memory_fits(cfg, Path("teacher"), Path("student"), True, processes=2, available=int(avail_gib * GiB))
+
+    # 2 processes in 40 GiB: two whole copies of the student's training state (47.8 GiB) do not fit, halves do (32.2)
+    with pytest.raises(EdgesmithError, match=r"estimated peak memory 47\.8 GiB \(2 processes x 23\.9: .*exceeds the "
+                                             r"40\.0 GiB available.*train\.sharding=fsdp"):
+        check("none", 40)
+    line = check("fsdp", 40)
+    assert line.startswith("estimated peak memory 32.2 GiB while training (2 processes x 16.1: student weights 1.9 (1/2) + "
+                           "gradients 1.9 (1/2) + AdamW states 3.7 (1/2) + optimizer step 1.9 (1/2) + gathered layers"), line
+    assert "teacher weights 3.2 (whole in each)" in line and line.endswith("of 40.0 GiB available")
+    with pytest.raises(EdgesmithError) as e:  # not even sharded
+        check("fsdp", 30)
+    assert "\n" not in str(e.value) and "32.2 GiB while training" in str(e.value) and "exceeds the 30.0 GiB" in str(e.value)
+    assert "student weights 1.9 (1/2)" in str(e.value) and "train.sharding=fsdp" not in str(e.value)
+
+
 def test_distill_refuses_up_front_when_the_estimate_exceeds_available_memory(tiny_factory, tmp_path, monkeypatch, capsys):
     """With MemAvailable (faked) below the estimate the stage stops before loading anything: one line naming the
     estimate, its parts, the available memory and what to change; exit code 2."""

@@ -108,6 +108,9 @@ def test_only_the_main_process_writes_outputs_and_shared_caches(tiny_factory, tm
                env={"EDGESMITH_CACHE": str(cache)})
     assert p.returncode == 0, p.stderr[-3000:]
     r0, r1 = (json.loads((logs / f"rank{r}.json").read_text()) for r in (0, 1))
+    # the main process alone prints distill's memory estimate, which counts both processes and the sharding
+    estimates = [x for x in p.stdout.splitlines() if x.startswith("distill: estimated peak memory")]
+    assert len(estimates) == 3 and "while training (2 processes x" in estimates[0] and "student weights 0.0 (1/2)" in estimates[0]
 
     inside = [str(d) + os.sep for d in [*outs.values(), cache]]
     for i, (a, b) in enumerate(zip(r0, r1)):
