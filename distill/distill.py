@@ -250,8 +250,8 @@ def check_memory_fits(cfg: DistillConfig, t_path: Path, s_path: Path, need_teach
     """The training's estimated peak (edgesmith.trainloop.training_memory) of `processes` processes on this machine
     against MemAvailable: one line to print, or an EdgesmithError naming the numbers and what would shrink them. Sharded
     (train.sharding: fsdp), each process holds 1/processes of the student's weights, gradients and AdamW states, and
-    the whole student while it is loaded and gathered back at the end (edgesmith.trainloop.sharded_memory); every
-    process holds a whole teacher when it runs during training."""
+    the whole student while it is loaded and gathered back at the end (edgesmith.trainloop.sharded_memory); a teacher
+    that runs during training is sharded too (its layers; the embeddings and head stay whole)."""
     from edgesmith.trainloop import ModelShape, check_memory, sharded_memory, training_memory
 
     student = ModelShape.of(s_path)
@@ -262,7 +262,8 @@ def check_memory_fits(cfg: DistillConfig, t_path: Path, s_path: Path, need_teach
                             cfg.train.grad_checkpointing, teacher, 2 if cfg.teacher_dtype == "bfloat16" else 4,
                             teacher_logits=cfg.data != "teacher" and not cfg.cache_teacher_topk, shards=shards)
     if shards > 1:
-        parts = sharded_memory(parts, student, trainable, checkpoints=cfg.train.save_every > 0)
+        parts = sharded_memory(parts, student, trainable, checkpoints=cfg.train.save_every > 0,
+                               teacher_loaded=teacher.params * (2 if cfg.teacher_dtype == "bfloat16" else 4) if teacher else 0)
     hints = [h for h, on in (("train.grad_checkpointing=true", not cfg.train.grad_checkpointing),
                              ("teacher_dtype=bfloat16", need_teacher and cfg.teacher_dtype != "bfloat16"),
                              ("lora=true", not cfg.lora),
@@ -329,11 +330,6 @@ def run(cfg: DistillConfig) -> Path:
     # the teacher stays out of memory when the cache holds every target the loss needs
     teacher = (modelio.load_model(t_path, dtype=cfg.teacher_dtype, device=str(device)).eval().requires_grad_(False)
                if need_teacher else None)
-    student = modelio.load_model(s_path, dtype="float32")
-    if teacher is not None and teacher.get_output_embeddings().weight.shape[0] != student.get_output_embeddings().weight.shape[0]:
-        raise EdgesmithError(f"teacher and student output layers differ in vocabulary size "
-                             f"({teacher.get_output_embeddings().weight.shape[0]} vs {student.get_output_embeddings().weight.shape[0]})")
-
     if cfg.cache_teacher_topk and cache is None:
         from edgesmith.fsutil import model_fingerprint
 
@@ -341,6 +337,17 @@ def run(cfg: DistillConfig) -> Path:
                                          [e["input_ids"] for e in train_ex], [e["labels"] for e in train_ex]]).encode()).hexdigest()[:20]
         with processes.main_first():
             cache = TopkCache(build_topk_cache(teacher, train_ex, cfg.cache_teacher_topk, key, pad_id))
+    if teacher is not None and cfg.train.sharding == "fsdp" and procs.num_processes > 1:
+        # sharded like the student, before the student is loaded: each process keeps 1/N of the teacher's layers
+        from edgesmith.trainloop import shard_frozen
+
+        held, total = shard_frozen(teacher, device)
+        print(f"distill: sharding fsdp: process {procs.process_index} of {procs.num_processes} holds {held} of the "
+              f"teacher's {total} weights")
+    student = modelio.load_model(s_path, dtype="float32")
+    if teacher is not None and teacher.get_output_embeddings().weight.shape[0] != student.get_output_embeddings().weight.shape[0]:
+        raise EdgesmithError(f"teacher and student output layers differ in vocabulary size "
+                             f"({teacher.get_output_embeddings().weight.shape[0]} vs {student.get_output_embeddings().weight.shape[0]})")
 
     n_s = student.config.num_hidden_layers
     n_t = read_hf_config(t_path).get("num_hidden_layers", n_s)

@@ -314,8 +314,10 @@ def training_memory(student: ModelShape, trainable: int, batch: int, seq_len: in
                       sharded (sharding: fsdp over `shards` processes): these four / shards, plus
     gathered layers   the units FSDP holds whole while they run: the root (embeddings, head, final norm) through the
                       step, the running decoder layer and the next one (prefetched), with their gradients until the
-                      reduce-scatter: 4 x (outer + 2 layers) + 4 x min(trainable, outer + layer)
-    teacher weights   teacher params x teacher_bytes (0 when the targets come from the cached top-k)
+                      reduce-scatter: 4 x (outer + 2 layers) + 4 x min(trainable, outer + layer); the teacher's
+                      running and prefetched layers
+    teacher weights   teacher params x teacher_bytes (0 when the targets come from the cached top-k); sharded, its
+                      layers / shards (shard_frozen) and the rest (embeddings, head) whole
     activations       per token and layer autograd keeps ~10 D + 4 I floats (norm inputs/outputs, q/k/v/rope,
                       attention output, gate/up/act/product); with gradient checkpointing only each layer's input
                       (D) plus one layer recomputed. Plus the loss's logits chunk [chunk, V] x ~4 fp32 copies (x 2
@@ -338,6 +340,9 @@ def training_memory(student: ModelShape, trainable: int, batch: int, seq_len: in
         parts["gathered layers"] = 4 * (outer + 2 * layer) + 4 * min(trainable, outer + layer)
     if teacher is not None:
         parts["teacher weights"] = teacher.params * teacher_bytes
+        if shards > 1:
+            parts["teacher weights"] = -(-teacher.params * teacher_bytes // shards) + teacher.outer_params() * teacher_bytes
+            parts["gathered layers"] += 2 * teacher.layer_params() * teacher_bytes
         act += (teacher.layers + 1) * teacher.hidden * teacher_bytes * tokens           # output_hidden_states
         act += (4 * teacher.hidden + 3 * teacher.intermediate) * teacher_bytes * tokens  # one layer in flight
         if teacher_logits:
@@ -374,20 +379,26 @@ class MemoryPhase:
         return sum(self.each.values()) * processes + sum(self.main.values())
 
 
-def sharded_memory(training: dict[str, int], student: ModelShape, trainable: int, checkpoints: bool) -> list[MemoryPhase]:
+def sharded_memory(training: dict[str, int], student: ModelShape, trainable: int, checkpoints: bool,
+                   teacher_loaded: int = 0) -> list[MemoryPhase]:
     """The moments a sharded run peaks, `training` being one process's parts while it trains
     (training_memory(..., shards=N)):
     - training;
+    - the whole teacher (`teacher_loaded` bytes) in every process, loaded before it is sharded;
     - the whole student in every process: it is loaded whole before being sharded, and `train` gathers it whole again
       at the end (AdamW states released first) next to the slices it trained;
     - with checkpoints (save_every; a signal writes one too), the main process gathering whole trainable weights and
       AdamW states to write them in the single-process layout, the others holding their slices.
     Checked with ru_maxrss on a 239M-parameter student (teacher 50M, fp32, 2 steps of batch 2 x 128 tokens): one
-    process 5.0 GiB measured vs 6.1 estimated; sharded over 2 processes (batch 1 each) 3.6 and 3.9 vs 4.2 each."""
+    process 5.0 GiB measured vs 6.1 estimated; sharded over 2 processes (batch 1 each, the teacher sharded too) 3.8
+    and 3.9 vs 4.3 each."""
     held = {k: v for k, v in training.items() if k in ("teacher weights", "runtime")}
     slices = {"student weights": training["student weights"]}
     phases = [MemoryPhase("while training", training),
               MemoryPhase("while the whole student is loaded or gathered", {"whole student": student.params * 4, **slices, **held})]
+    if teacher_loaded:
+        phases.append(MemoryPhase("while the whole teacher is loaded", {"whole teacher": teacher_loaded,
+                                                                        "runtime": training["runtime"]}))
     if checkpoints:
         phases.append(MemoryPhase("while the main process gathers a checkpoint",
                                   {**slices, "AdamW states": training["AdamW states"], **held},
@@ -412,7 +423,9 @@ def check_memory(stage: str, parts: dict[str, int] | list[MemoryPhase], hints: s
     def note(k: str) -> str:
         if shards > 1 and k in SHARDED_PARTS:
             return f" (1/{shards})"
-        return " (whole in each)" if processes > 1 and k == "teacher weights" else ""
+        if k == "teacher weights" and processes > 1:
+            return f" (layers 1/{shards}, embeddings and head whole)" if shards > 1 else " (whole in each)"
+        return ""
 
     detail = " + ".join(f"{k} {gib(v)}{note(k)}" for k, v in peak.each.items() if v)
     if processes > 1:
@@ -595,6 +608,28 @@ def _shard(model, extra_modules: dict, device, world: int):
             if next(m.parameters(recurse=False), None) is not None:
                 fully_shard(m, mesh=mesh)
     return work
+
+
+def shard_frozen(model, device) -> tuple[int, int]:
+    """sharding: fsdp for a model that only runs forward while another trains, distill's teacher: FSDP2 in place over
+    all processes, per decoder layer and then the rest (as `_shard`), so each process keeps 1/N of its layers' weights
+    and a layer is whole only while it runs. The rest (embeddings, output head, final norm: FSDP's root unit) stays
+    whole from the first forward on, as a root does without a backward: the distillation loss applies the teacher's
+    head to its hidden states after the forward, and again where activation checkpoints recompute. Every forward is
+    collective: all processes run each one. -> (weights this process holds, weights in the model)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        raise EdgesmithError("sharding: fsdp needs torch.distributed's fully_shard (torch >= 2.6)") from None
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    blocks = {n for m in model.modules() for n in (getattr(m, "_no_split_modules", None) or [])}
+    for unit in [m for m in model.modules() if type(m).__name__ in blocks] + [model]:
+        fully_shard(unit, mesh=mesh)
+    ps = list(model.parameters())
+    return sum(p.to_local().numel() for p in ps), sum(p.numel() for p in ps)
 
 
 def _unshard_into(model, work) -> None:

@@ -179,6 +179,11 @@ def test_readme_fsdp_distill_command_matches_single_process(tiny_factory, tmp_pa
     assert p.returncode == 0, p.stderr[-3000:]
     held = _held_lines(p.stdout)
     assert len(held) == 2 and all(local * 2 == total for local, total in held), held
+    # the teacher runs during training (the data is a file, hidden_weight > 0): it is sharded too
+    import re
+
+    t_held = re.findall(r"distill: sharding fsdp: process \d of 2 holds (\d+) of the teacher's (\d+) weights", p.stdout)
+    assert len(t_held) == 2 and all(int(a) * 2 == int(b) for a, b in t_held), t_held
 
     # one process: the same stage command and settings, without the launcher and the sharding, batch 4
     single = cmd[cmd.index("edgesmith.cli") + 1:]
@@ -215,3 +220,29 @@ def test_readme_fsdp_distill_command_matches_single_process(tiny_factory, tmp_pa
         for k, t in s.items():  # AdamW's moments, against their own scale: entries near 0 are sums that cancel
             assert c["optimizer"]["state"][i][k].shape == t.shape
             assert torch.allclose(c["optimizer"]["state"][i][k], t, rtol=1e-3, atol=1e-5 * float(t.abs().max())), (i, k)
+
+
+@pytest.mark.slow
+def test_sharded_teacher_with_blockwise_losses_matches_one_process(tiny_factory, tmp_path):
+    """The teacher sharded too, its layer taps and embeddings read by the block-wise losses (phase, then mixed) and its
+    hidden states by the hidden-state loss: 2 sharded processes with batch 1 == one process with batch 1 x 2
+    accumulated micro-batches (the block distance is normalised per micro-batch, so that is the run to match)."""
+    from edgesmith.cli import main
+
+    teacher = tiny_factory("teacher", layers=3)
+    student = tiny_factory("student", layers=2, seed=1)
+    args = ["distill", "--teacher", str(teacher), "--student", str(student), "--data", str(_alpaca(tmp_path / "data.json")),
+            "--max-length", "48"]
+    for kv in ("val_fraction=0.2", "train.max_steps=4", "train.lr=3e-3", "train.warmup_steps=0", "train.precision=fp32",
+               "train.progress=false", "block_phase=0.3", "block_weight=0.5", "hidden_weight=0.1", "train.batch_size=1"):
+        args += ["--set", kv]
+    p = launch(two_processes("-m", "edgesmith.cli", *args, "--out", str(tmp_path / "fsdp"), "--sharding", "fsdp"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("of the teacher's") == 2
+    assert main(args + ["--out", str(tmp_path / "one"), "--set", "train.grad_accum=2"]) == 0
+    runs = [[json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("fsdp", "one")]
+    assert [sorted(m) for m in runs[0]] == [sorted(m) for m in runs[1]] and len(runs[0]) == 6
+    for a, b in zip(*runs):
+        for k in ("loss", "val_loss"):
+            if k in a:
+                assert a[k] == pytest.approx(b[k], rel=LOSS_RTOL), (a, b)
