@@ -26,7 +26,7 @@ def probe(student, teacher, train_windows, eval_windows, steps: int, lr: float, 
     `train_windows` [N, T], then its mean next-token NLL on `eval_windows` [M, T]. The teacher is never changed."""
     import torch
 
-    from edgesmith.trainloop import cpu_has_fast_bf16
+    from edgesmith.machine import cpu_has_fast_bf16
 
     from .calibration import calibration_loss
 

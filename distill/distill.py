@@ -240,19 +240,19 @@ def load_data(cfg: DistillConfig):
 
 def lora_params(s, r: int) -> int:
     """Trainable parameters of rank-r LoRA on every linear of a Llama-family layer (q, k, v, o, gate, up, down):
-    r x (in + out) each; k/v outputs taken as wide as q (an upper bound under GQA). s: trainloop.ModelShape."""
+    r x (in + out) each; k/v outputs taken as wide as q (an upper bound under GQA). s: memory.ModelShape."""
     D, I = s.hidden, s.intermediate
     return s.layers * r * (4 * 2 * D + 3 * (D + I))
 
 
 def check_memory_fits(cfg: DistillConfig, t_path: Path, s_path: Path, need_teacher: bool, processes: int = 1,
                       available: int | None = None) -> str:
-    """The training's estimated peak (edgesmith.trainloop.training_memory) of `processes` processes on this machine
+    """The training's estimated peak (edgesmith.memory.training_memory) of `processes` processes on this machine
     against MemAvailable: one line to print, or an EdgesmithError naming the numbers and what would shrink them. Sharded
     (train.sharding: fsdp), each process holds 1/processes of the student's weights, gradients and AdamW states, and
-    the whole student while it is loaded and gathered back at the end (edgesmith.trainloop.sharded_memory); a teacher
+    the whole student while it is loaded and gathered back at the end (edgesmith.memory.sharded_memory); a teacher
     that runs during training is sharded too (its layers; the embeddings and head stay whole)."""
-    from edgesmith.trainloop import ModelShape, check_memory, sharded_memory, training_memory
+    from edgesmith.memory import ModelShape, check_memory, sharded_memory, training_memory
 
     student = ModelShape.of(s_path)
     teacher = ModelShape.of(t_path) if need_teacher else None
@@ -339,7 +339,7 @@ def run(cfg: DistillConfig) -> Path:
             cache = TopkCache(build_topk_cache(teacher, train_ex, cfg.cache_teacher_topk, key, pad_id))
     if teacher is not None and cfg.train.sharding == "fsdp" and procs.num_processes > 1:
         # sharded like the student, before the student is loaded: each process keeps 1/N of the teacher's layers
-        from edgesmith.trainloop import shard_frozen
+        from edgesmith.sharding import shard_frozen
 
         held, total = shard_frozen(teacher, device)
         print(f"distill: sharding fsdp: process {procs.process_index} of {procs.num_processes} holds {held} of the "

@@ -301,7 +301,7 @@ def build_teacher_corpus(teacher: str, spec: CorpusSpec, *, bf16: bool | None = 
 
     t_path = modelio.resolve(teacher)
     if bf16 is None:
-        from edgesmith.trainloop import cpu_has_fast_bf16
+        from edgesmith.machine import cpu_has_fast_bf16
 
         bf16 = torch.cuda.is_available() or cpu_has_fast_bf16()
     prompts_hash = hashlib.sha256(json.dumps(seed_prompts()).encode()).hexdigest()[:8]

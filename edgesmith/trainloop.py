@@ -26,15 +26,18 @@ import random
 import re
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from .config import to_dict
+from .data import IGNORE  # noqa: F401 - the label of tokens that carry no loss (prompt, padding); stages import it from here
 from .errors import ConfigError, EdgesmithError
 from .fsutil import atomic_dir, atomic_open, atomic_path, ensure_writable_dir, write_json
+from .machine import cpu_has_fast_bf16
+from .sharding import (load_optimizer_state, load_trainable_state, optimizer_state, shard_model, shard_or_not,
+                       sliced_like, trainable_state, unshard_into)
 
-from .data import IGNORE  # the label of tokens that carry no loss (prompt, padding)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SHARDINGS = ("none", "fsdp")
 
@@ -240,17 +243,6 @@ def apply_masks(model, masks: dict) -> None:
                 p.mul_(m.to(p.device))
 
 
-def cpu_has_fast_bf16() -> bool:
-    """bf16 matmuls pay off on CPUs that report AVX512-BF16 or AMX-BF16 in /proc/cpuinfo (forward+backward of the
-    demo student 1.6-1.8x faster than fp32); on AVX2-only CPUs bf16 autocast is ~4x slower. Read, never assumed."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((ln for ln in f if ln.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def _autocast_dtype(cfg: TrainConfig, device_type: str):
     """Mixed-precision choice for accelerate: 'no' | 'bf16' | 'fp16'."""
     import torch
@@ -263,207 +255,6 @@ def _autocast_dtype(cfg: TrainConfig, device_type: str):
     if p == "fp16" and device_type != "cuda":
         raise EdgesmithError("precision fp16 needs a CUDA GPU (use bf16 or fp32 on CPU)")
     return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[p]
-
-
-# ---------------------------------------------------------------- memory: estimate before loading, refuse what cannot fit
-
-GIB = 2**30
-RUNTIME_BYTES = GIB  # python, torch, transformers, tokenizers, data: measured ~0.8-1 GiB before any model is loaded
-
-
-@dataclass
-class ModelShape:
-    """What a memory estimate needs to know about a decoder (edgesmith.facts reads it from the files, no weights)."""
-
-    params: int
-    """Parameters (tied embeddings once)."""
-    layers: int
-    """Decoder layers."""
-    hidden: int
-    """Residual-stream width D."""
-    intermediate: int
-    """MLP width I."""
-    vocab: int
-    """Vocabulary size V."""
-
-    @classmethod
-    def of(cls, path) -> "ModelShape":
-        from .facts import facts
-
-        f = facts(path)
-        return cls(f.params_total, f.num_layers, f.hidden_size, f.intermediate_size, f.vocab_size)
-
-    def layer_params(self) -> int:
-        """One decoder layer: q, k, v, o (k/v taken as wide as q: an upper bound under GQA) and the 3 MLP matrices."""
-        return 4 * self.hidden * self.hidden + 3 * self.hidden * self.intermediate
-
-    def outer_params(self) -> int:
-        """Everything outside the decoder layers (embeddings, output head, final norm): FSDP's root unit."""
-        return min(self.params, max(self.params - self.layers * self.layer_params(), self.vocab * self.hidden))
-
-
-def training_memory(student: ModelShape, trainable: int, batch: int, seq_len: int, chunk: int,
-                    grad_checkpointing: bool = False, teacher: ModelShape | None = None, teacher_bytes: int = 4,
-                    teacher_logits: bool = True, shards: int = 1) -> dict[str, int]:
-    """Peak bytes of one training process, by part (an upper bound for batches padded to seq_len):
-
-    student weights   params x 4 (fp32 master weights; bf16 autocast casts per op)
-    gradients         trainable x 4
-    AdamW states      trainable x 8 (exp_avg, exp_avg_sq)
-    optimizer step    trainable x 4 (the foreach AdamW step's full-size temporaries)
-                      sharded (sharding: fsdp over `shards` processes): these four / shards, plus
-    gathered layers   the units FSDP holds whole while they run: the root (embeddings, head, final norm) through the
-                      step, the running decoder layer and the next one (prefetched), with their gradients until the
-                      reduce-scatter: 4 x (outer + 2 layers) + 4 x min(trainable, outer + layer); the teacher's
-                      running and prefetched layers
-    teacher weights   teacher params x teacher_bytes (0 when the targets come from the cached top-k); sharded, its
-                      layers / shards (shard_frozen) and the rest (embeddings, head) whole
-    activations       per token and layer autograd keeps ~10 D + 4 I floats (norm inputs/outputs, q/k/v/rope,
-                      attention output, gate/up/act/product); with gradient checkpointing only each layer's input
-                      (D) plus one layer recomputed. Plus the loss's logits chunk [chunk, V] x ~4 fp32 copies (x 2
-                      more with full teacher logits) and the teacher's kept hidden states [(L_t+1), tokens, D_t].
-    runtime           the interpreter and libraries
-    Checked against /usr/bin/time on the demo's 97M student (teacher SmolLM2-135M in fp32, batch 4 x 256): 4.6 GiB
-    estimated vs 4.4 measured; with gradient checkpointing 3.6 vs 3.6; tiny models 1.3 vs 0.9 (the runtime).
-    """
-    tokens = batch * seq_len
-    per_layer = (10 * student.hidden + 4 * student.intermediate) * 4 * tokens   # bytes one layer's autograd keeps
-    if grad_checkpointing:
-        act = student.layers * student.hidden * 4 * tokens + per_layer
-    else:
-        act = student.layers * per_layer
-    act += 4 * chunk * student.vocab * 4
-    parts = {"student weights": -(-student.params * 4 // shards), "gradients": -(-trainable * 4 // shards),
-             "AdamW states": -(-trainable * 8 // shards), "optimizer step": -(-trainable * 4 // shards)}
-    if shards > 1:
-        outer, layer = student.outer_params(), student.layer_params()
-        parts["gathered layers"] = 4 * (outer + 2 * layer) + 4 * min(trainable, outer + layer)
-    if teacher is not None:
-        parts["teacher weights"] = teacher.params * teacher_bytes
-        if shards > 1:
-            parts["teacher weights"] = -(-teacher.params * teacher_bytes // shards) + teacher.outer_params() * teacher_bytes
-            parts["gathered layers"] += 2 * teacher.layer_params() * teacher_bytes
-        act += (teacher.layers + 1) * teacher.hidden * teacher_bytes * tokens           # output_hidden_states
-        act += (4 * teacher.hidden + 3 * teacher.intermediate) * teacher_bytes * tokens  # one layer in flight
-        if teacher_logits:
-            act += 2 * chunk * teacher.vocab * 4
-    parts["activations"] = act
-    parts["runtime"] = RUNTIME_BYTES
-    return parts
-
-
-def mem_available() -> int | None:
-    """MemAvailable from /proc/meminfo in bytes (what can be allocated without swapping), or None where unknown."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-SHARDED_PARTS = ("student weights", "gradients", "AdamW states", "optimizer step")
-
-
-@dataclass
-class MemoryPhase:
-    """One moment of a run's memory: the bytes each process holds, by part, and what the main process holds on top."""
-
-    what: str
-    """When: 'while training', ... (empty for a run with one moment worth estimating)."""
-    each: dict[str, int]
-    main: dict[str, int] = field(default_factory=dict)
-
-    def total(self, processes: int) -> int:
-        return sum(self.each.values()) * processes + sum(self.main.values())
-
-
-def sharded_memory(training: dict[str, int], student: ModelShape, trainable: int, checkpoints: bool,
-                   teacher_loaded: int = 0) -> list[MemoryPhase]:
-    """The moments a sharded run peaks, `training` being one process's parts while it trains
-    (training_memory(..., shards=N)):
-    - training;
-    - the whole teacher (`teacher_loaded` bytes) in every process, loaded before it is sharded;
-    - the whole student in every process: it is loaded whole before being sharded, and `train` gathers it whole again
-      at the end (AdamW states released first) next to the slices it trained;
-    - with checkpoints (save_every; a signal writes one too), the main process gathering whole trainable weights and
-      AdamW states to write them in the single-process layout, the others holding their slices.
-    Checked with ru_maxrss on a 239M-parameter student (teacher 50M, fp32, 2 steps of batch 2 x 128 tokens): one
-    process 5.0 GiB measured vs 6.1 estimated; sharded over 2 processes (batch 1 each, the teacher sharded too) 3.8
-    and 3.9 vs 4.3 each."""
-    held = {k: v for k, v in training.items() if k in ("teacher weights", "runtime")}
-    slices = {"student weights": training["student weights"]}
-    phases = [MemoryPhase("while training", training),
-              MemoryPhase("while the whole student is loaded or gathered", {"whole student": student.params * 4, **slices, **held})]
-    if teacher_loaded:
-        phases.append(MemoryPhase("while the whole teacher is loaded", {"whole teacher": teacher_loaded,
-                                                                        "runtime": training["runtime"]}))
-    if checkpoints:
-        phases.append(MemoryPhase("while the main process gathers a checkpoint",
-                                  {**slices, "AdamW states": training["AdamW states"], **held},
-                                  {"whole trainable weights": trainable * 4, "whole AdamW states": trainable * 8}))
-    return phases
-
-
-def check_memory(stage: str, parts: dict[str, int] | list[MemoryPhase], hints: str, processes: int = 1,
-                 available: int | None = None, shards: int = 1) -> str:
-    """Refuse up front (EdgesmithError, one line, exit 2) when the estimated peak of `processes` training processes on
-    this machine exceeds MemAvailable, rather than being killed by the kernel mid-run; otherwise return the estimate as
-    one line. parts: one process's peak by part, or the moments of a sharded run (sharded_memory), the largest counts;
-    the line names it, its parts per process and what `shards` divides."""
-    phases = parts if isinstance(parts, list) else [MemoryPhase("", parts)]
-    peak = max(phases, key=lambda p: p.total(processes))
-    total = peak.total(processes)
-    avail = mem_available() if available is None else available
-
-    def gib(v: int) -> str:
-        return f"{v / GIB:.1f}"
-
-    def note(k: str) -> str:
-        if shards > 1 and k in SHARDED_PARTS:
-            return f" (1/{shards})"
-        if k == "teacher weights" and processes > 1:
-            return f" (layers 1/{shards}, embeddings and head whole)" if shards > 1 else " (whole in each)"
-        return ""
-
-    detail = " + ".join(f"{k} {gib(v)}{note(k)}" for k, v in peak.each.items() if v)
-    if processes > 1:
-        detail = f"{processes} processes x {gib(sum(peak.each.values()))}: {detail}"
-    if peak.main:
-        detail += " + on the main process " + " + ".join(f"{k} {gib(v)}" for k, v in peak.main.items())
-    line = f"estimated peak memory {gib(total)} GiB{' ' + peak.what if peak.what else ''} ({detail})"
-    if avail is not None and total > avail:
-        raise EdgesmithError(f"{stage}: {line} exceeds the {gib(avail)} GiB available (MemAvailable); {hints}")
-    return line + (f" of {gib(avail)} GiB available" if avail is not None else "")
-
-
-def _trainable_state(model, extra_modules: dict, keep: bool = True) -> dict:
-    """Trainable tensors only (LoRA adapters stay small, full fine-tuning saves everything), whole, on the CPU.
-    Sharded, every process must call it (one all-gather per tensor); only those with `keep` hold the result."""
-    named = [(f"model.{n}", p) for n, p in model.named_parameters() if p.requires_grad]
-    for key, mod in extra_modules.items():
-        named += [(f"{key}.{n}", p) for n, p in mod.named_parameters()]
-    out = {}
-    for k, p in named:
-        t = _whole(p.detach())
-        if keep:
-            out[k] = t.cpu().clone()
-    return out
-
-
-def _load_trainable_state(model, extra_modules: dict, state: dict) -> None:
-    import torch
-
-    params = {f"model.{n}": p for n, p in model.named_parameters() if p.requires_grad}
-    for key, mod in extra_modules.items():
-        params.update({f"{key}.{n}": p for n, p in mod.named_parameters()})
-    missing = set(params) - set(state)
-    if missing:
-        raise EdgesmithError(f"checkpoint does not match the model (missing {sorted(missing)[:3]} ...)")
-    with torch.no_grad():
-        for k, p in params.items():
-            p.copy_(_like(state[k].to(p.device, p.dtype), p))
 
 
 def _plot(metrics: list[dict], path: Path) -> None:
@@ -554,126 +345,6 @@ def _load_checkpoint(ckpt_dir: Path, cfg: TrainConfig, world: int) -> dict:
     return st
 
 
-def _shard_or_not(cfg: TrainConfig, acc, model) -> bool:
-    """Whether this run shards (sharding: fsdp with several processes; one process has nothing to split). Refuses,
-    in one line, a setup FSDP2 cannot shard."""
-    import torch
-    from accelerate.utils import DistributedType
-
-    if cfg.sharding == "none" or acc.num_processes == 1:
-        return False
-    if acc.distributed_type not in (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
-        raise EdgesmithError(f"sharding: fsdp shards the model itself and needs accelerate's plain multi-process launch, "
-                             f"not {acc.distributed_type.value} (drop FSDP/DeepSpeed from the accelerate config)")
-    if any(not p.is_floating_point() for p in model.parameters()):
-        raise EdgesmithError("sharding: fsdp needs floating-point weights; quantized ones (QLoRA) cannot be sharded")
-    try:
-        from torch.distributed import fsdp
-    except ImportError:  # a torch built without distributed support
-        fsdp = None
-    if not hasattr(fsdp, "fully_shard"):
-        raise EdgesmithError(f"sharding: fsdp needs torch.distributed's fully_shard (torch >= 2.6), not torch {torch.__version__}")
-    return True
-
-
-def _shard(model, extra_modules: dict, device, world: int):
-    """sharding: fsdp. torch's FSDP2 (`fully_shard`) over all processes: each decoder layer, then the rest of the model,
-    is cut into 1/world slices, so a process keeps 1/world of the weights, gradients and AdamW states; a layer is whole
-    only while it runs (all-gathered) and its gradients are reduce-scattered back into slices, averaged like DDP's.
-    accelerate 1.15 turns its own FSDP on only for GPUs (on CPU its Accelerator stays plain multi-process), so the loop
-    calls torch directly: the same code over gloo on CPU and nccl on GPU.
-
-    fully_shard changes the module it is given for good (class, hooks, DTensor parameters), yet the stages save and
-    merge the model they passed in. So it shards a copy that shares the caller's parameter objects (no weight is
-    copied) and releases each whole tensor once its slices exist; `_unshard_into` gives the caller whole weights back.
-    The extra modules are used through the loss' closure, so they are sharded in place, per module owning weights.
-    -> the sharded model, the one the loss is given."""
-    import copy
-
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import DTensor
-
-    mesh = init_device_mesh(device.type, (world,))
-    work = copy.deepcopy(model, {id(p): p for p in model.parameters()})
-    # transformers names the blocks that must stay whole on one device (_no_split_modules): the units of sharding
-    blocks = {n for m in work.modules() for n in (getattr(m, "_no_split_modules", None) or [])}
-    for unit in [m for m in work.modules() if type(m).__name__ in blocks] + [work]:
-        whole = [p for p in unit.parameters() if not isinstance(p, DTensor)]
-        fully_shard(unit, mesh=mesh)
-        for p in whole:  # the caller's tensor (moved to the device by fully_shard): its memory back, unit by unit
-            p.data = p.data.new_empty(0)
-    for mod in extra_modules.values():
-        for m in mod.modules():
-            if next(m.parameters(recurse=False), None) is not None:
-                fully_shard(m, mesh=mesh)
-    return work
-
-
-def shard_frozen(model, device) -> tuple[int, int]:
-    """sharding: fsdp for a model that only runs forward while another trains, distill's teacher: FSDP2 in place over
-    all processes, per decoder layer and then the rest (as `_shard`), so each process keeps 1/N of its layers' weights
-    and a layer is whole only while it runs. The rest (embeddings, output head, final norm: FSDP's root unit) stays
-    whole from the first forward on, as a root does without a backward: the distillation loss applies the teacher's
-    head to its hidden states after the forward, and again where activation checkpoints recompute. Every forward is
-    collective: all processes run each one. -> (weights this process holds, weights in the model)."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
-    try:
-        from torch.distributed.fsdp import fully_shard
-    except ImportError:
-        raise EdgesmithError("sharding: fsdp needs torch.distributed's fully_shard (torch >= 2.6)") from None
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    blocks = {n for m in model.modules() for n in (getattr(m, "_no_split_modules", None) or [])}
-    for unit in [m for m in model.modules() if type(m).__name__ in blocks] + [model]:
-        fully_shard(unit, mesh=mesh)
-    ps = list(model.parameters())
-    return sum(p.to_local().numel() for p in ps), sum(p.numel() for p in ps)
-
-
-def _unshard_into(model, work) -> None:
-    """The trained weights, whole, back into the caller's model on every process (one all-gather per tensor): the stage
-    then saves and merges exactly what a single-process run hands it."""
-    sharded = dict(work.named_parameters())
-    for n, p in model.named_parameters():
-        p.data = _whole(sharded[n].detach())
-
-
-def _whole(t):
-    """A sharded (DTensor) tensor made whole: an all-gather, so every process must call it. Others come back as they are."""
-    from torch.distributed.tensor import DTensor
-
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def _like(t, p):
-    """A whole tensor `t` cut the way parameter `p` is held: this process' slice when p is sharded, else t itself."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    return distribute_tensor(t.to(p.device), p.device_mesh, p.placements) if isinstance(p, DTensor) else t
-
-
-def _optimizer_state(opt, keep: bool = True) -> dict:
-    """opt.state_dict() with every state tensor whole (sharded: all-gathers, every process calls it; only those with
-    `keep` hold them, on the CPU): a sharded run's checkpoint is the one a single process writes."""
-    sd = opt.state_dict()
-    state: dict = {}
-    for i, s in sd["state"].items():
-        for k, v in s.items():
-            t = _whole(v)
-            if keep:
-                state.setdefault(i, {})[k] = t.cpu()
-    return {**sd, "state": state}
-
-
-def _load_optimizer_state(opt, sd: dict) -> None:
-    """The inverse of _optimizer_state: each whole state tensor cut the way its parameter is held."""
-    params = [p for g in opt.param_groups for p in g["params"]]
-    state = {i: {k: v if k == "step" else _like(v, params[i]) for k, v in s.items()} for i, s in sd["state"].items()}
-    opt.load_state_dict({**sd, "state": state})
-
-
 def _catch_stop_signals() -> tuple[list[int], dict]:
     """SIGINT/SIGTERM append to the returned list instead of killing the run (the loop checkpoints and stops);
     returns it and the previous handlers, to restore."""
@@ -740,10 +411,10 @@ def train(
     set_seed(cfg.seed)
     if cfg.grad_checkpointing:
         _grad_checkpointing(model)
-    sharded = _shard_or_not(cfg, acc, model)
+    sharded = shard_or_not(cfg, acc, model)
     caller_model = model
     if sharded:  # the optimizer must see the sharded parameters, so sharding comes first
-        model = raw_model = _shard(model, extra_modules, device, world)
+        model = raw_model = shard_model(model, extra_modules, device, world)
         extra_wrapped = dict(extra_modules)
         held = sum(p.to_local().numel() for p in model.parameters())
         print(f"train: sharding fsdp: process {rank} of {world} holds {held} of the model's "
@@ -758,7 +429,7 @@ def train(
     raw_extras = {k: acc.unwrap_model(m) for k, m in extra_wrapped.items()}
     if sharded and masks:  # a mask is cut like its weight, once
         held_as = dict(raw_model.named_parameters())
-        masks = {n: _like(m, held_as[n]) for n, m in masks.items()}
+        masks = {n: sliced_like(m, held_as[n]) for n, m in masks.items()}
 
     ckpt_dir = out / "checkpoint"
     metrics_path = out / "metrics.jsonl"
@@ -767,8 +438,8 @@ def train(
     metrics: list[dict] = []
     if cfg.resume:  # weights, optimizer, schedule, counters and RNG exactly where the checkpoint left them
         st = _load_checkpoint(ckpt_dir, cfg, world)
-        _load_trainable_state(raw_model, raw_extras, st["weights"])
-        _load_optimizer_state(opt, st["optimizer"])
+        load_trainable_state(raw_model, raw_extras, st["weights"])
+        load_optimizer_state(opt, st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         step, best_val, first_val, last_val = st["step"], st["best_val"], st["first_val"], st["last_val"]
         bad_evals, tokens_seen, elapsed_before = st["bad_evals"], st["tokens"], st["elapsed"]
@@ -778,7 +449,7 @@ def train(
 
     def save_checkpoint() -> None:
         # every process takes part: sharded weights and optimizer states are gathered whole onto the main one
-        weights, optimizer = _trainable_state(raw_model, raw_extras, keep=main), _optimizer_state(opt, keep=main)
+        weights, optimizer = trainable_state(raw_model, raw_extras, keep=main), optimizer_state(opt, keep=main)
         if not main:
             return
         st = {
@@ -795,7 +466,7 @@ def train(
         write_metrics()
 
     def save_best() -> None:
-        weights = _trainable_state(raw_model, raw_extras, keep=main)  # every process: a sharded model is gathered
+        weights = trainable_state(raw_model, raw_extras, keep=main)  # every process: a sharded model is gathered
         if main:
             torch.save(weights, best_path)
 
@@ -971,10 +642,10 @@ def train(
         write_metrics()
         raise KeyboardInterrupt(f"interrupted at step {step}; checkpoint saved in {ckpt_dir} (continue with --resume)")
     if cfg.keep_best and val_examples and best_path.is_file():
-        _load_trainable_state(raw_model, raw_extras, torch.load(best_path, map_location="cpu", weights_only=True))
+        load_trainable_state(raw_model, raw_extras, torch.load(best_path, map_location="cpu", weights_only=True))
     if sharded:
         opt.state.clear()  # the AdamW states are done with: released before the whole weights are gathered
-        _unshard_into(caller_model, model)
+        unshard_into(caller_model, model)
     acc.wait_for_everyone()
     if main and best_path.is_file():
         best_path.unlink()

@@ -459,7 +459,7 @@ def test_gqa_attention_for_sampling_changes_nothing_but_speed(tiny_factory):
 
 
 def test_memory_estimate_parts_and_what_shrinks_them():
-    from edgesmith.trainloop import ModelShape, training_memory
+    from edgesmith.memory import ModelShape, training_memory
 
     s = ModelShape(params=1_000_000_000, layers=16, hidden=2048, intermediate=8192, vocab=49152)
     full = training_memory(s, s.params, batch=4, seq_len=512, chunk=128, teacher=s)
@@ -480,7 +480,8 @@ def test_memory_estimate_counts_the_sharding(monkeypatch):
 
     from edgesmith.distill.distill import DistillConfig, check_memory_fits
     from edgesmith.errors import EdgesmithError
-    from edgesmith.trainloop import ModelShape, TrainConfig, sharded_memory, training_memory
+    from edgesmith.memory import ModelShape, sharded_memory, training_memory
+    from edgesmith.trainloop import TrainConfig
 
     s = ModelShape(params=1_000_000_000, layers=16, hidden=2048, intermediate=8192, vocab=49152)
     t = ModelShape(params=1_700_000_000, layers=24, hidden=2048, intermediate=8192, vocab=49152)
@@ -524,11 +525,11 @@ def test_memory_estimate_counts_the_sharding(monkeypatch):
 def test_distill_refuses_up_front_when_the_estimate_exceeds_available_memory(tiny_factory, tmp_path, monkeypatch, capsys):
     """With MemAvailable (faked) below the estimate the stage stops before loading anything: one line naming the
     estimate, its parts, the available memory and what to change; exit code 2."""
-    from edgesmith import trainloop
+    from edgesmith import memory
     from edgesmith.cli import main
 
     t_dir, s_dir = _models(tiny_factory)
-    monkeypatch.setattr(trainloop, "mem_available", lambda: 50 * 2**20)  # 50 MiB: below the runtime alone
+    monkeypatch.setattr(memory, "mem_available", lambda: 50 * 2**20)  # 50 MiB: below the runtime alone
     rc = main(["distill", "--teacher", str(t_dir), "--student", str(s_dir), "--data", str(_data(tmp_path)),
                "--out", str(tmp_path / "o"), "--max-length", "32"])
     err = capsys.readouterr().err.strip()

@@ -48,7 +48,7 @@ def test_sharding_setting_and_refusals(capsys):
     from accelerate.utils import DistributedType
 
     from edgesmith.cli import main
-    from edgesmith.trainloop import _shard_or_not
+    from edgesmith.sharding import shard_or_not
 
     with pytest.raises(ConfigError, match="sharding: expected one of none, fsdp"):
         TrainConfig(sharding="zero3")
@@ -56,14 +56,14 @@ def test_sharding_setting_and_refusals(capsys):
     assert "sharding: expected one of none, fsdp, got 'zero3'" in capsys.readouterr().err
     fsdp, model = TrainConfig(sharding="fsdp"), torch.nn.Linear(4, 4)
     launched = lambda kind, n=2: SimpleNamespace(num_processes=n, distributed_type=kind)  # noqa: E731
-    assert _shard_or_not(fsdp, launched(DistributedType.MULTI_CPU), model)
-    assert not _shard_or_not(fsdp, launched(DistributedType.NO, 1), model)
-    assert not _shard_or_not(TrainConfig(), launched(DistributedType.MULTI_CPU), model)
+    assert shard_or_not(fsdp, launched(DistributedType.MULTI_CPU), model)
+    assert not shard_or_not(fsdp, launched(DistributedType.NO, 1), model)
+    assert not shard_or_not(TrainConfig(), launched(DistributedType.MULTI_CPU), model)
     with pytest.raises(EdgesmithError, match="needs accelerate's plain multi-process launch, not DEEPSPEED"):
-        _shard_or_not(fsdp, launched(DistributedType.DEEPSPEED), model)
+        shard_or_not(fsdp, launched(DistributedType.DEEPSPEED), model)
     model.register_parameter("packed", torch.nn.Parameter(torch.zeros(4, dtype=torch.uint8), requires_grad=False))
     with pytest.raises(EdgesmithError, match="floating-point weights"):  # QLoRA's 4-bit weights are packed in uint8
-        _shard_or_not(fsdp, launched(DistributedType.MULTI_GPU), model)
+        shard_or_not(fsdp, launched(DistributedType.MULTI_GPU), model)
 
 
 # ---------------------------------------------------------------- the training loop: sharded resume after SIGINT
