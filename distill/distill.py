@@ -396,6 +396,9 @@ def run(cfg: DistillConfig) -> Path:
     res = train(student, train_ex, loss_fn, cfg.train, out, pad_id=pad_id, val_examples=val_ex or None,
                 extra_modules=extra, val_loss_fn=val_loss_fn, masks=None if cfg.lora else masks,
                 run_info={"stage": "distill", "teacher": str(t_path), "student": str(s_path)})
+    if blocks is not None:
+        for taps in blocks[1:]:
+            taps.close()
 
     def write_outputs() -> None:  # the main process only: the others wait in main_writes
         nonlocal student

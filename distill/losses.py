@@ -118,9 +118,16 @@ class BlockTaps:
     def __init__(self, model):
         self.out: list = [None] * len(_decoder_layers(model))
         self.feed: list | None = None  # per layer: the input to use instead of the previous layer's output
+        self.handles = []
         for i, layer in enumerate(_decoder_layers(model)):
-            layer.register_forward_hook(self._save(i))
-            layer.register_forward_pre_hook(self._swap(i), with_kwargs=True)
+            self.handles.append(layer.register_forward_hook(self._save(i)))
+            self.handles.append(layer.register_forward_pre_hook(self._swap(i), with_kwargs=True))
+
+    def close(self) -> None:
+        """Remove the hooks: after training the model runs (and is saved) as a plain model."""
+        for h in self.handles:
+            h.remove()
+        self.handles, self.feed, self.out = [], None, [None] * len(self.out)
 
     def _save(self, i):
         def hook(mod, args, out):  # noqa: ARG001 - return None: the output is not changed
@@ -169,13 +176,15 @@ def make_loss_fn(teacher, cfg: DistillConfig, pairs: list[tuple[int, int]], proj
         bmap, s_taps, t_taps = blocks
         stream = [unwrap(teacher).get_input_embeddings()(ids)] + list(t_taps.out)  # n_t + 1 of [B, L, H]
         if student is not None:
+            # the feed stays on until the next loss_fn call: with gradient checkpointing the backward recomputes every
+            # block, and must recompute it on the same fed input (on the student's own it fails)
             s_taps.feed = [stream[a] for a, _ in bmap]
-            try:
-                student(input_ids=ids, attention_mask=att, logits_to_keep=1)
-            finally:
-                s_taps.feed = None
+            logits = student(input_ids=ids, attention_mask=att, logits_to_keep=1).logits
         tok = att.bool()                                                          # [B, L] real tokens
-        return sum(block_distance(s_taps.out[j][tok], stream[b][tok]) for j, (_, b) in enumerate(bmap)) / len(bmap)
+        loss = sum(block_distance(s_taps.out[j][tok], stream[b][tok]) for j, (_, b) in enumerate(bmap)) / len(bmap)
+        # the phase's loss does not depend on the final norm and head; DDP refuses parameters that get no gradient,
+        # so they join the graph with a zero weight (their gradient is exactly 0)
+        return loss + 0.0 * logits.sum() if student is not None else loss
 
     def chunk_loss(s_rows, t_rows, t_idx, t_logp, labels, s_head):
         # s_rows [C, Hs] student final hidden; t_rows [C, Ht] teacher final hidden (or None with a cache)
@@ -193,6 +202,8 @@ def make_loss_fn(teacher, cfg: DistillConfig, pairs: list[tuple[int, int]], proj
 
     def loss_fn(student, batch):
         ids, att, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        if blocks is not None:
+            blocks[1].feed = None  # the last block-phase step's backward is done: the student runs on its own inputs
         want_hidden = cfg.hidden_weight > 0
         m = labels[:, 1:] != IGNORE                                  # [B, L-1] positions that predict a label
         # block-wise phase: the first block_phase of the run (training batches carry "progress"; validation does not)

@@ -351,7 +351,10 @@ def test_block_map_and_a_copy_of_the_teacher_has_zero_block_loss(tiny_factory):
     assert all(e > 1e-4 for e in _block_errors(teacher, student, taps[0], batch))
 
 
-def test_blockwise_phase_reduces_every_blocks_error(tiny_factory, tmp_path, monkeypatch):
+@pytest.mark.parametrize("grad_checkpointing", [False, True])
+def test_blockwise_phase_reduces_every_blocks_error(tiny_factory, tmp_path, monkeypatch, grad_checkpointing):
+    """The block phase feeds each student block the teacher's stream; with gradient checkpointing the backward
+    recomputes every block on that same fed input (a recompute on the student's own input fails)."""
     from edgesmith.compress.prune import PruneConfig
     from edgesmith.compress.prune import run as prune
     from edgesmith.distill.distill import DistillConfig, run
@@ -375,7 +378,7 @@ def test_blockwise_phase_reduces_every_blocks_error(tiny_factory, tmp_path, monk
     out = run(DistillConfig(teacher=str(t_dir), student=str(s_dir), data=str(_data(tmp_path)), max_length=32, val_fraction=0.0,
                             out=str(tmp_path / "d"), block_phase=0.99,
                             train=TrainConfig(lr=1e-4, max_steps=30, warmup_steps=1, batch_size=4, precision="fp32",
-                                              progress=False)))
+                                              grad_checkpointing=grad_checkpointing, progress=False)))
     after = _block_errors(teacher, load_model(out), bmap, batch)
     assert all(a < b for a, b in zip(after, before)), (before, after)
     man = json.loads((out / "distill.json").read_text())
