@@ -47,7 +47,8 @@ def test_every_shipped_recipe_parses(path):
         for cls_name, stage in STAGE_OF.items():  # a stage command can read its section of the recipe
             if stage in recipe.stages:
                 mod = {"prune": "edgesmith.compress.prune", "distill": "edgesmith.distill.distill",
-                       "finetune": "edgesmith.finetune.lora", "export": "edgesmith.export.run"}[stage]
+                       "finetune": "edgesmith.finetune.lora", "export": "edgesmith.export.run",
+                       "bench": "edgesmith.bench.harness"}[stage]
                 import importlib
 
                 cls = getattr(importlib.import_module(mod), cls_name)
