@@ -67,17 +67,23 @@ def calibration_texts(cfg: PruneConfig, tok) -> tuple[list[str], str] | None:
 
 
 def pack(tok, texts: list[str], seq_len: int, limit: int):
-    """Concatenate texts (eos between) and cut into full windows: [N, seq_len] token ids."""
+    """Concatenate texts (eos between) and cut into full windows: [N, seq_len] token ids. Where the tokenizer starts
+    every text with BOS (Gemma) each window starts with it, as the model always sees text: Gemma 3 270M's MLP
+    2048 -> 1024 cut ranked on windows without it scores WikiText perplexity 180, with it 141 (3 windows of 512)."""
     import torch
 
+    from edgesmith.modelio import bos_prefix
+
+    bos = bos_prefix(tok)
+    body = seq_len - len(bos)
     ids: list[int] = []
     eos = tok.eos_token_id if tok.eos_token_id is not None else 0
     for t in texts:
         ids += tok(t, add_special_tokens=False)["input_ids"] + [eos]
-        if len(ids) >= seq_len * limit:
+        if len(ids) >= body * limit:
             break
-    n = min(limit, len(ids) // seq_len)
-    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    n = min(limit, len(ids) // body)
+    return torch.tensor([bos + ids[i * body:(i + 1) * body] for i in range(n)], dtype=torch.long).view(n, seq_len)
 
 
 def held_out_perplexity(model, windows) -> float:

@@ -241,14 +241,19 @@ def sample_with_targets(model, prompts: list[list[int]], max_new_tokens: int, *,
 
 
 def text_seed(tok, topic: str) -> list[int]:
-    """Token ids that start one free-running sample: the document separator (bos or eos) and a topic phrase."""
+    """Token ids that start one free-running sample: the document separator (bos or eos) and a topic phrase. A model
+    whose tokenizer starts every text with BOS (Gemma) starts from BOS: after its <eos> alone Gemma 3 writes garbage."""
+    from edgesmith.modelio import bos_prefix
+
+    words = tok(topic.capitalize(), add_special_tokens=False)["input_ids"] if topic else []
+    if bos_prefix(tok):
+        return bos_prefix(tok) + words
     sep = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     vocab = tok.get_vocab()
     for name in ("<|endoftext|>", "<eos>", "</s>"):  # a true document separator when the vocabulary has one
         if name in vocab:
             sep = vocab[name]
             break
-    words = tok(topic.capitalize(), add_special_tokens=False)["input_ids"] if topic else []
     return ([sep] if sep is not None else []) + words
 
 
@@ -298,6 +303,7 @@ def build_teacher_corpus(teacher: str, spec: CorpusSpec, *, bf16: bool | None = 
     from edgesmith import modelio
     from edgesmith.config import to_dict
     from edgesmith.fsutil import atomic_dir, atomic_path, cache_dir, model_fingerprint, write_json
+    from edgesmith.modelio import bos_prefix
 
     t_path = modelio.resolve(teacher)
     if bf16 is None:
@@ -305,7 +311,10 @@ def build_teacher_corpus(teacher: str, spec: CorpusSpec, *, bf16: bool | None = 
 
         bf16 = torch.cuda.is_available() or cpu_has_fast_bf16()
     prompts_hash = hashlib.sha256(json.dumps(seed_prompts()).encode()).hexdigest()[:8]
-    key = hashlib.sha256(json.dumps([model_fingerprint(t_path), prompts_hash, to_dict(spec), bool(bf16)]).encode()).hexdigest()[:20]
+    parts_of_key = [model_fingerprint(t_path), prompts_hash, to_dict(spec), bool(bf16)]
+    if bos_prefix(modelio.load_tokenizer(t_path)):  # seeds start with BOS (text_seed): not the <eos>-seeded corpora
+        parts_of_key.append("bos-seeded")
+    key = hashlib.sha256(json.dumps(parts_of_key).encode()).hexdigest()[:20]
     dest = cache_dir() / "teacher-corpus" / key
     if (dest / "meta.json").is_file():
         return dest

@@ -356,6 +356,10 @@ def encode_record(record: dict, tokenizer, max_length: int, assistant_only: bool
         labels = list(ids)
     else:
         labels = [t if any(a <= s < b for a, b in spans) else IGNORE for t, (s, _e) in zip(ids, enc["offset_mapping"])]
+    from .modelio import bos_prefix
+
+    if bos_prefix(tokenizer) and ids[:1] != bos_prefix(tokenizer):  # Gemma: every text starts with BOS (no template adds it)
+        ids, labels = bos_prefix(tokenizer) + ids, [IGNORE] + labels
     truncated = len(ids) > max_length
     return {"input_ids": ids[:max_length], "labels": labels[:max_length]}, truncated
 

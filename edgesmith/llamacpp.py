@@ -209,6 +209,18 @@ def score(path: str, windows: list[list[int]], threads: int | None = None) -> li
     return out
 
 
+def complete(path: str, prompt: str, max_tokens: int = 16, threads: int | None = None) -> dict:
+    """Greedy raw completion of `prompt` (BOS added when the GGUF asks for it, no chat template): {text,
+    finish_reason}. Child only."""
+    llm = open_llama(path, n_ctx=512, threads=threads)
+    try:
+        r = llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, top_k=1, seed=0)
+        c = r["choices"][0]
+        return {"text": c["text"], "finish_reason": c["finish_reason"]}
+    finally:
+        llm.close()
+
+
 def chat(path: str, messages: list[dict], max_tokens: int = 48) -> dict:
     """Greedy chat completion with the GGUF's own chat template; {text, finish_reason}. Child only."""
     llm = open_llama(path, n_ctx=512)

@@ -136,6 +136,18 @@ def load_tokenizer(spec: str | os.PathLike):
         raise EdgesmithError(f"{path}: cannot load tokenizer ({type(e).__name__}: {e})") from None
 
 
+def bos_prefix(tok) -> list[int]:
+    """[bos id] when the tokenizer starts every text with BOS (Gemma: without it the model writes garbage and its
+    WikiText perplexity is 1.6x higher), else [] (SmolLM2, whose tokenizer adds none). For token sequences built
+    by hand (calibration windows, free-running samples, packed training text)."""
+    bos = getattr(tok, "bos_token_id", None)
+    if bos is None:
+        return []
+    plain = tok("a", add_special_tokens=False)["input_ids"]
+    ids = tok("a")["input_ids"]
+    return [bos] if len(ids) == len(plain) + 1 and ids[0] == bos and ids[1:] == plain else []
+
+
 def load_model(spec: str | os.PathLike, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool | None = None):
     """AutoModelForCausalLM from the resolved directory; local files only, no remote code unless the
     user passed --trust-remote-code (safetensors preferred; .bin checkpoints load with weights_only)."""
