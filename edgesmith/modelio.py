@@ -126,12 +126,42 @@ def trust_remote_code() -> bool:
     return os.environ.get("EDGESMITH_TRUST_REMOTE_CODE") == "1"
 
 
-def load_tokenizer(spec: str | os.PathLike):
+# transformers 4.57.3+ warns "incorrect regex pattern ... set fix_mistral_regex=True" for every local directory whose
+# config.json says it was saved by 4.57.3-4.x, Mistral or not (its check only skips non-Mistral types up to 4.57.2).
+# Every directory our stages write qualifies, so the warning fires on SmolLM2 and Gemma 3, whose tokenizers llama.cpp
+# confirms. Only the Mistral family can have that regex: drop the warning for any other model type.
+MISTRAL_TYPES = {"mistral", "mistral3", "voxtral", "ministral", "pixtral"}
+
+
+def _real_mistral_regex_warning(record) -> bool:
+    """logging filter: keep a record unless it is the Mistral-regex warning about a non-Mistral directory."""
+    msg = record.getMessage()
+    if "fix_mistral_regex" not in msg:
+        return True
+    m = re.search(r"loading from '([^']+)'", msg)
+    try:
+        model_type = json.loads((Path(m.group(1)) / "config.json").read_text()).get("model_type") if m else None
+    except (OSError, ValueError):
+        return True
+    return model_type in MISTRAL_TYPES or model_type is None
+
+
+def tokenizer_from_dir(path: str | os.PathLike):
+    """AutoTokenizer from a local directory (never the hub), without transformers' false Mistral-regex warning."""
+    import logging
+
     from transformers import AutoTokenizer
 
+    log = logging.getLogger("transformers.tokenization_utils_base")
+    if _real_mistral_regex_warning not in log.filters:
+        log.addFilter(_real_mistral_regex_warning)
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust_remote_code())
+
+
+def load_tokenizer(spec: str | os.PathLike):
     path = resolve(spec)
     try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust_remote_code())
+        return tokenizer_from_dir(path)
     except Exception as e:  # noqa: BLE001
         raise EdgesmithError(f"{path}: cannot load tokenizer ({type(e).__name__}: {e})") from None
 

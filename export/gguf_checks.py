@@ -81,9 +81,9 @@ def tokenizer_fields(path: Path) -> dict:
 
 @functools.lru_cache(maxsize=4)
 def hf_tokenizer(hf_dir: Path):
-    from transformers import AutoTokenizer
+    from edgesmith.modelio import tokenizer_from_dir
 
-    return AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True)
+    return tokenizer_from_dir(hf_dir)
 
 
 def check_tokenizer_metadata(gguf_path: Path, hf_dir: Path) -> dict:

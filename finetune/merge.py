@@ -72,7 +72,7 @@ def merge_adapter(adapter_dir: Path, out_dir: Path, base: str | None = None, dty
     masks = sparsity_masks(model, base_path)  # taken before the adapter touches the weights
     # tokenizer: the adapter's copy when it has one (it may carry a chat template set at training time)
     tok_src = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_path
-    tok = modelio.load_tokenizer(tok_src) if tok_src == base_path else _tokenizer(tok_src)
+    tok = modelio.load_tokenizer(tok_src) if tok_src == base_path else modelio.tokenizer_from_dir(tok_src)
     try:
         peft_model = PeftModel.from_pretrained(model, str(adapter_dir), torch_device="cpu")
     except Exception as e:  # noqa: BLE001 - shape mismatch = wrong base
@@ -96,12 +96,6 @@ def merge_adapter(adapter_dir: Path, out_dir: Path, base: str | None = None, dty
                 "license": modelio.model_license(base_path)}
         (tmp / "edgesmith.json").write_text(json.dumps(meta, indent=2))
     return out_dir
-
-
-def _tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
 def cmd_merge(args) -> int:

@@ -58,6 +58,26 @@ def test_unsupported_and_broken_dirs(tmp_path, tiny_llama):
         resolve(tmp_path / "missing")
 
 
+def test_no_false_mistral_regex_warning(tmp_path, capfd):
+    """transformers 4.57.3+ tells every directory it saved with a > 100k vocabulary (Gemma 3, Qwen) to set
+    fix_mistral_regex ("This will lead to incorrect tokenization"), Mistral or not: a Gemma 3 directory loads without
+    that warning; a Mistral one still gets it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from edgesmith.modelio import tokenizer_from_dir
+
+    vocab = {f"t{i}": i for i in range(100_002)} | {"<unk>": 100_002}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>").save_pretrained(tmp_path)
+    for model_type, warned in (("gemma3_text", False), ("mistral", True)):
+        (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, "transformers_version": "4.57.6"}))
+        capfd.readouterr()
+        assert tokenizer_from_dir(tmp_path)("t5 t7")["input_ids"] == [5, 7]
+        assert ("fix_mistral_regex" in capfd.readouterr().err) is warned, model_type
+
+
 def test_corrupt_weights_one_line_error(tiny_llama):
     w = tiny_llama / "model.safetensors"
     w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
