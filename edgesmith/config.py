@@ -276,7 +276,7 @@ def add_dataclass_args(parser, cls: type, skip: tuple[str, ...] = ()) -> None:
         flag = "--" + f.name.replace("_", "-")
         tp = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else None
-        help_ = f"{docs.get(f.name, '')} (default: {default!r})"
+        help_ = f"{docs.get(f.name, '')} (default: {default!r})".replace("%", "%%")  # argparse %-formats help text
         if tp is bool:
             parser.add_argument(flag, dest=f.name, action=__import__("argparse").BooleanOptionalAction, default=None, help=help_)
         else:

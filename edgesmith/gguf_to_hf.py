@@ -291,7 +291,7 @@ def _materialize(gguf_path: Path, dest: Path, name: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    from .gguf_read import metadata
+    from .gguf_read import metadata, read
 
     fields = metadata(gguf_path)
     arch = fields.get("general.architecture")
@@ -299,6 +299,10 @@ def _materialize(gguf_path: Path, dest: Path, name: str) -> None:
         raise EdgesmithError(
             f"{gguf_path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(sorted(SUPPORTED_GGUF_ARCHS))}"
         )
+    biased = [t["name"] for t in read(gguf_path).tensors if t["name"].endswith(("attn_q.bias", "attn_k.bias"))]
+    if arch == "llama" and biased:  # transformers would load it as a Llama without biases, silently wrong
+        raise EdgesmithError(f"{gguf_path}: a 'llama' GGUF with attention biases ({biased[0]}: a Qwen2 whose heads were "
+                             "pruned, exported for llama.cpp) cannot be read back; use the HF directory it was exported from")
     tok_model = fields.get("tokenizer.ggml.model")  # the tokenizer first: a refusal should not wait for the weights
     if tok_model == "gpt2":
         tok = tokenizer_from_gguf(gguf_path)

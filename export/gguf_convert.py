@@ -214,7 +214,8 @@ def convert(hf_dir: Path, out_path: Path, outtype: str = "F16", name: str | None
         meta_file, kv_file = Path(side) / "metadata.json", Path(side) / "extra_kv.json"
         meta_file.write_text(json.dumps(meta))
         kv_file.write_text(json.dumps(extra))
-        args = [str(hf_dir), "--outtype", FLOAT_TYPES[outtype.upper()], "--outfile", str(tmp), "--metadata", str(meta_file)]
+        view = _converter_view(hf_dir, Path(side))
+        args = [str(view), "--outtype", FLOAT_TYPES[outtype.upper()], "--outfile", str(tmp), "--metadata", str(meta_file)]
         log = _run_converter(llama_dir, kv_file, args)
         if "BPE pre-tokenizer was not recognized" in log:
             # a tokenizer llama.cpp does not know by hash; if it came from a GGUF, reuse that file's
@@ -228,6 +229,27 @@ def convert(hf_dir: Path, out_path: Path, outtype: str = "F16", name: str | None
         if not tmp.is_file() or tmp.stat().st_size == 0:
             raise EdgesmithError(f"converting {hf_dir} to GGUF failed: {_last_error(log)}")
     return out_path
+
+
+def _converter_view(hf_dir: Path, side: Path) -> Path:
+    """The directory the converter reads: `hf_dir` itself, except for a Qwen2 whose attention width (heads x head_dim)
+    is not its hidden size (query heads or hidden channels pruned). llama.cpp's qwen2 graph assumes the two are equal
+    and refuses to load such a file; its llama graph takes head_dim from key_length and adds q/k/v biases where
+    present, with the same rotary embedding (the Llama converter permutes q/k rows, biases included). So that Qwen2 is
+    presented as a Llama: links to its files, with config.json naming LlamaForCausalLM."""
+    cfg = _read_json(hf_dir / "config.json")
+    heads, hidden = cfg.get("num_attention_heads"), cfg.get("hidden_size")
+    if cfg.get("model_type") != "qwen2" or not heads or not hidden:
+        return hf_dir
+    if (cfg.get("head_dim") or hidden // heads) * heads == hidden:
+        return hf_dir
+    view = side / hf_dir.name
+    view.mkdir()
+    for f in hf_dir.iterdir():
+        if f.name != "config.json":
+            (view / f.name).symlink_to(f.resolve())
+    (view / "config.json").write_text(json.dumps({**cfg, "architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+    return view
 
 
 def _run_converter(llama_dir: Path, kv_file: Path, args: list[str], script: str = "convert_hf_to_gguf.py") -> str:

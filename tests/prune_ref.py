@@ -6,6 +6,15 @@ import copy
 import torch
 
 
+def zero_eps(model):
+    """RMSNorm's eps is added to mean(x^2), which depends on the channel count: without it, zeroed
+    hidden channels and removed ones are mathematically identical."""
+    for mod in model.modules():
+        if hasattr(mod, "variance_epsilon"):
+            mod.variance_epsilon = 0.0
+    return model
+
+
 def masked_reference(model, keep, src):
     """The original model with every removed unit zeroed where it WRITES, so it contributes nothing: hidden channels
     (embeddings and every writer into the residual), MLP channels (down_proj columns), query heads (o_proj columns),

@@ -87,3 +87,16 @@ def test_yaml_errors(tmp_path):
 def test_field_docs():
     assert field_docs(Outer)["steps"] == "Optimizer steps."
     assert field_docs(Inner)["mode"] == "KL direction."
+
+
+def test_help_keeps_percent_signs():
+    """A docstring with '%' (grad_checkpointing's '~30% slower') is shown as written, not %-formatted by argparse."""
+    import argparse
+
+    from edgesmith.config import add_config_args
+    from edgesmith.trainloop import TrainConfig
+
+    p = argparse.ArgumentParser()
+    add_config_args(p, TrainConfig)
+    text = " ".join(p.format_help().split())
+    assert "~30% slower" in text and "option_strings" not in text

@@ -19,7 +19,7 @@ from edgesmith.compress.surgery import plan_keep, prune_model
 from edgesmith.config import from_dict, load_yaml
 from edgesmith.errors import ConfigError, EdgesmithError
 from edgesmith.modelio import load_model
-from prune_ref import masked_reference
+from prune_ref import masked_reference, zero_eps
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,15 +27,6 @@ REPO = Path(__file__).resolve().parents[1]
 GQA = dict(hidden=128, intermediate=256, layers=3, heads=6, kv_heads=2, head_dim=32)
 MHA = dict(hidden=128, intermediate=256, layers=3, heads=4, kv_heads=4, head_dim=32)
 MODELS = {"gqa-tied": dict(GQA, tie=True), "mha-untied": dict(MHA, tie=False)}
-
-
-def _zero_eps(model):
-    """RMSNorm's eps is added to mean(x^2), which depends on the channel count: without it, zeroed
-    hidden channels and removed ones are mathematically identical."""
-    for mod in model.modules():
-        if hasattr(mod, "variance_epsilon"):
-            mod.variance_epsilon = 0.0
-    return model
 
 
 AXES = {
@@ -57,8 +48,8 @@ def test_surgery_is_exact(tiny_factory, kind, axis):
     tgt = AXES[axis](src)
     # random scores: the kept units are scattered, so index bookkeeping is really exercised
     keep = plan_keep(random_scores(model.state_dict(), src, seed=3), torch.rand(src.num_layers), src, tgt)
-    pruned = _zero_eps(prune_model(model, keep, tgt))
-    reference = _zero_eps(masked_reference(model, keep, src))
+    pruned = zero_eps(prune_model(model, keep, tgt))
+    reference = zero_eps(masked_reference(model, keep, src))
     assert Dims.of(pruned.config) == tgt
     ids = torch.randint(0, 49152, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
