@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .errors import EdgesmithError
 
-SUPPORTED_GGUF_ARCHS = {"llama", "mistral", "qwen2", "gemma3"}
+SUPPORTED_GGUF_ARCHS = {"llama", "mistral", "qwen2", "qwen3", "gemma3"}
 
 
 def is_gguf_file(path: Path) -> bool:

@@ -289,7 +289,7 @@ def check_tokenizer(gguf_path: str | os.PathLike, tok, texts: list[str] | None =
 
 def _materialize(gguf_path: Path, dest: Path, name: str) -> None:
     import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     from .gguf_read import metadata, read
 
@@ -314,8 +314,12 @@ def _materialize(gguf_path: Path, dest: Path, name: str) -> None:
     else:
         raise EdgesmithError(f"{gguf_path}: tokenizer model {tok_model!r} is not supported for conversion "
                              "(supported: gpt2 byte-level BPE, llama SentencePiece)")
+    cfg = AutoConfig.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, local_files_only=True)
+    key_length = fields.get(f"{arch}.attention.key_length")
+    if key_length and getattr(cfg, "head_dim", None) not in (None, key_length):
+        cfg.head_dim = int(key_length)  # transformers 4.57 reads no head_dim for qwen3 (Qwen3-0.6B: 128, not 1024/16)
     model = AutoModelForCausalLM.from_pretrained(
-        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32, local_files_only=True
+        str(gguf_path.parent), gguf_file=gguf_path.name, config=cfg, dtype=torch.float32, local_files_only=True
     )
     eos_ids = [i for i in (fields.get("tokenizer.ggml.eos_token_id"), fields.get("tokenizer.ggml.eot_token_id")) if i is not None]
     eos_ids = list(dict.fromkeys(int(i) for i in eos_ids))

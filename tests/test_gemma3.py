@@ -175,7 +175,7 @@ def test_tiny_gguf_logits_equal_hf(family, tmp_path, tokenizer_dir):
     from edgesmith import llamacpp
     from edgesmith.export.gguf_convert import convert
     from edgesmith.gguf_read import metadata
-    from edgesmith.modelio import resolve
+    from edgesmith.modelio import load_model, resolve
     from edgesmith.native import run_isolated
 
     model = TINY_MODELS[family](seed=1)
@@ -193,6 +193,11 @@ def test_tiny_gguf_logits_equal_hf(family, tmp_path, tokenizer_dir):
             hf = m(torch.tensor([ids])).logits[0].numpy()
         tol = 1e-3 * max(1.0, np.abs(hf).max()) if outtype == "F32" else 0.05 * hf.std() + 1e-3
         assert np.abs(got - hf).max() < tol, (name, outtype, np.abs(got - hf).max(), tol)
+        if (family, name) == ("qwen3", "orig"):  # and back: a Qwen3 GGUF loads as Qwen3ForCausalLM with HF's logits
+            back = load_model(resolve(g))
+            assert type(back).__name__ == "Qwen3ForCausalLM"
+            with torch.no_grad():
+                assert np.abs(back(torch.tensor([ids])).logits[0].numpy() - hf).max() < tol
 
 
 def _no_template_dir(tmp_path, tokenizer_dir):
