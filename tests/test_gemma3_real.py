@@ -175,3 +175,89 @@ def test_pruned_export_round_trip(gemma_gguf, gemma_pruned_export, gemma_windows
     ids = run_isolated(llamacpp.tokenize, str(q4), ["The capital of France is"])[0]
     assert ids == [818, 5279, 529, 7001, 563]
     assert np.isfinite(run_isolated(llamacpp.logits, str(q4), [2] + ids, threads=2)).all()
+
+
+# ---------------------------------------------------------------- prune + short distill + Q4_K_M, and bench
+
+# Greedy prompts the source Q4_K_M itself completes with Paris (llama.cpp and HF alike). Its completion of the bare
+# "The capital of France is" is " the capital of the country of France. It is the largest city in France." (no
+# Paris in 16 tokens), so that prompt cannot be asked of a student.
+PARIS_PROMPT = "The capital of France is the city of"
+GEMMA_DISTILL_STEPS = 16  # ~15 s a step on 2 cores: a 262k-token vocabulary in both models' logits and the KL
+
+
+@pytest.fixture(scope="session")
+def gemma_student(gemma_hf, shared_data, tmp_path_factory):
+    """Through the CLI on real files: prune MLP 2048 -> 1024 (activation ranking on Alpaca windows that start with
+    BOS), a short distillation from the unpruned HF model (forward KL on the full 262k vocabulary, teacher live,
+    Alpaca instructions one per sequence, each starting with BOS; lr 5e-5: at 2e-4, with or without the embeddings
+    frozen, the held-out KL fell less), then Q4_K_M with every export check."""
+    import json
+    import time
+
+    from edgesmith.cli import main
+
+    root = tmp_path_factory.mktemp("gemma3-student")
+    pruned, student, out = root / "pruned", root / "student", root / "export"
+    secs = {}
+    t = time.perf_counter()
+    assert main(["prune", str(gemma_hf), "--out", str(pruned), "--intermediate-size", "1024", "--eval-windows", "0"]) == 0
+    secs["prune"] = time.perf_counter() - t
+    t = time.perf_counter()
+    assert main(["distill", "--teacher", str(gemma_hf), "--student", str(pruned), "--out", str(student),
+                 "--data", str(shared_data / "instruct" / "alpaca_en_demo.json"), "--no-packing", "--max-length", "160",
+                 "--max-steps", str(GEMMA_DISTILL_STEPS), "--batch-size", "4", "--lr", "5e-5", "--warmup-steps", "2",
+                 "--val-fraction", "0.01", "--eval-batches", "1", "--no-progress"]) == 0
+    secs["distill"] = time.perf_counter() - t
+    t = time.perf_counter()
+    assert main(["export", str(student), "--out", str(out), "--gguf", "Q4_K_M"]) == 0
+    secs["export"] = time.perf_counter() - t
+    manifest = json.loads((out / "export.json").read_text())
+    assert manifest["all_checks_ok"], [e.get("failed_checks") for e in manifest["files"]]
+    q4 = out / Path(next(e for e in manifest["files"] if e["type"] == "gguf-Q4_K_M")["path"]).name
+    print(f"gemma student chain: {', '.join(f'{k} {v:.0f}s' for k, v in secs.items())}")
+    return student, q4
+
+
+def test_pruned_distilled_q4_k_m_loads_learns_and_completes(gemma_gguf, gemma_student):
+    """The short distillation lowers the student's held-out KL to the teacher; its Q4_K_M loads in llama.cpp and
+    completes greedily. The source completes PARIS_PROMPT with Paris; the student, after 16 steps, does not (measured:
+    16 steps give ' the 1999, and the 20th of the'; studies/gemma3_270m.py records its completions): printed, not
+    asserted, until a recovery budget that brings the fact back fits a test."""
+    import json
+
+    from edgesmith import llamacpp
+    from edgesmith.native import run_isolated
+
+    student, q4 = gemma_student
+    res = json.loads((student / "distill.json").read_text())["result"]
+    assert res["steps"] == GEMMA_DISTILL_STEPS and res["best_val_loss"] < 0.8 * res["first_val_loss"], res
+    src = run_isolated(llamacpp.complete, str(gemma_gguf), PARIS_PROMPT, 8, threads=2)
+    got = run_isolated(llamacpp.complete, str(q4), PARIS_PROMPT, 8, threads=2)
+    assert "Paris" in src["text"], src
+    assert got["text"].strip(), got
+    print(f"source: {src['text']!r}  student after {GEMMA_DISTILL_STEPS} steps: {got['text']!r}")
+
+
+def test_bench_original_and_student(gemma_gguf, gemma_student, shared_data, tmp_path):
+    """`edgesmith bench` of the source Q4_K_M and the student's: WikiText perplexity (2 windows of 512, second halves)
+    and latency, real and sane numbers; the student's file is smaller and its perplexity within 8x the original's."""
+    import json
+    import subprocess
+    import sys
+
+    _, q4 = gemma_student
+    js = tmp_path / "bench.json"
+    p = subprocess.run([sys.executable, "-m", "edgesmith", "bench", str(gemma_gguf), str(q4), "--max-chunks", "2",
+                        "--data-dir", str(shared_data), "--latency", "--repeat", "2", "--threads", "2", "--json", str(js)],
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    orig, stud = json.loads(js.read_text())["results"]
+    for r in (orig, stud):
+        ppl, lat = r["perplexity"], r["latency"]
+        assert ppl["chunks"] == 2 and ppl["ctx"] == 512 and math.isfinite(ppl["value"]) and ppl["value"] > 1
+        assert lat["decode_tok_s"] > 1 and lat["prefill_tok_s"] > 1 and lat["ttft_ms"] > 0 and lat["peak_rss_mb"] > 100
+    assert 5 < orig["perplexity"]["value"] < 60, orig["perplexity"]  # the source scores ~16-28 on WikiText
+    assert orig["perplexity"]["value"] < stud["perplexity"]["value"] < 8 * orig["perplexity"]["value"], \
+        (orig["perplexity"], stud["perplexity"])
+    assert stud["file_mb"] < orig["file_mb"]
