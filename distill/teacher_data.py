@@ -246,8 +246,9 @@ def text_seed(tok, topic: str) -> list[int]:
     from edgesmith.modelio import bos_prefix
 
     words = tok(topic.capitalize(), add_special_tokens=False)["input_ids"] if topic else []
-    if bos_prefix(tok):
-        return bos_prefix(tok) + words
+    bos = bos_prefix(tok)
+    if bos:
+        return bos + words
     sep = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     vocab = tok.get_vocab()
     for name in ("<|endoftext|>", "<eos>", "</s>"):  # a true document separator when the vocabulary has one

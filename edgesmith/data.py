@@ -358,8 +358,9 @@ def encode_record(record: dict, tokenizer, max_length: int, assistant_only: bool
         labels = [t if any(a <= s < b for a, b in spans) else IGNORE for t, (s, _e) in zip(ids, enc["offset_mapping"])]
     from .modelio import bos_prefix
 
-    if bos_prefix(tokenizer) and ids[:1] != bos_prefix(tokenizer):  # Gemma: every text starts with BOS (no template adds it)
-        ids, labels = bos_prefix(tokenizer) + ids, [IGNORE] + labels
+    bos = bos_prefix(tokenizer)
+    if bos and ids[:1] != bos:  # Gemma: every text starts with BOS (no template adds it)
+        ids, labels = bos + ids, [IGNORE] + labels
     truncated = len(ids) > max_length
     return {"input_ids": ids[:max_length], "labels": labels[:max_length]}, truncated
 
