@@ -4,7 +4,9 @@
 with every export check). What is proved: the rebuilt SentencePiece tokenizer (tokenizer.json and tokenizer.model)
 gives llama.cpp's ids on the first 200 non-empty WikiText test lines and on special tokens; the converted HF model
 gives llama.cpp's top-5 and greedy text on llama.cpp's ids and its perplexity; the pruned model's F16 GGUF gives
-the HF model's argmax and perplexity; its Q4_K_M loads, says which rows fell back, and keeps the vocabulary."""
+the HF model's argmax and perplexity; its Q4_K_M loads, says which rows fell back, and keeps the vocabulary. A
+second chain (prune with activation ranking, 16 distillation steps, Q4_K_M) shows the student learns (held-out KL
+falls), loads and completes in llama.cpp, and is benched next to the original."""
 from __future__ import annotations
 
 import math
