@@ -49,7 +49,7 @@ from .calibration import calibration_loss, calibration_texts, held_out_perplexit
 from .importance import IMPORTANCE, LAYER_IMPORTANCE, LAYER_NEEDS_DATA, NEEDS_DATA, Dims
 from .shape import MIN_ROUND, count_params, dims_dict, fill_dims, pick_candidates, proxy_damage, requested_dims, search_space
 from .speed import speed_filter
-from .surgery import PRUNABLE_MODEL_TYPES, fixed_hidden, new_config, plan_keep, prune_model
+from .surgery import PRUNABLE_MODEL_TYPES, acting_pruned, fixed_hidden, new_config, plan_keep, prune_model
 
 @dataclass
 class PruneConfig:
@@ -347,7 +347,8 @@ def run(cfg: PruneConfig, quiet: bool = False) -> Path:
         search_windows = calib[: max(2, min(8, len(calib)))]
         search = []
         for d in cands:
-            loss = calibration_loss(prune_model(model, plan_keep(scores, layer_scores, src, d), d, cfg.rescale_norms), search_windows, cfg.batch_size)
+            with acting_pruned(model, plan_keep(scores, layer_scores, src, d), cfg.rescale_norms):  # no second copy of the model
+                loss = calibration_loss(model, search_windows, cfg.batch_size)
             search.append({"dims": dims_dict(d), "params": count_params(d, vocab, tied)[0],
                            "proxy": proxy_damage(d, scores, layer_scores), "calib_loss": loss, "chosen": False})
             say(f"  search: {dims_dict(d)} -> {search[-1]['params'] / 1e6:.1f}M params, calibration loss {loss:.3f}")

@@ -17,7 +17,7 @@ from edgesmith.errors import EdgesmithError
 
 from .importance import Dims
 from .shape import dims_dict
-from .surgery import plan_keep, prune_model
+from .surgery import plan_keep
 
 if TYPE_CHECKING:
     from .prune import PruneConfig
@@ -45,12 +45,21 @@ def q4km_decode(hf_dir: Path, work: Path, threads: int = 0, repeat: int = 2) -> 
     return out
 
 
-def candidate_decode(model, tok, work: Path, threads: int = 0) -> dict:
-    """q4km_decode of an in-memory (pruned) model: saved to work/hf first, removed afterwards."""
+def candidate_decode(model, tok, keep, d: Dims, work: Path, rescale_norms: bool = True, threads: int = 0) -> dict:
+    """q4km_decode of the shape `keep` cuts from `model`: the pruned checkpoint is written to work/hf layer by layer,
+    as the prune stage writes its output (no pruned copy of the model in memory), and removed afterwards."""
+    import copy
+
+    from .checkpoint import write_pruned
+    from .surgery import new_config
+
     hf = work / "hf"
-    model.save_pretrained(hf, safe_serialization=True)
-    tok.save_pretrained(hf)
+    hf.mkdir(parents=True, exist_ok=True)
+    src = Dims.of(model.config)
     try:
+        write_pruned(dict(model.state_dict()), src, keep, new_config(model.config, src, d, keep), type(model),
+                     copy.deepcopy(model.generation_config), hf, next(model.parameters()).dtype, rescale_norms)
+        tok.save_pretrained(hf)
         return q4km_decode(hf, work, threads)
     finally:
         shutil.rmtree(hf, ignore_errors=True)
@@ -66,8 +75,8 @@ def speed_filter(cfg: PruneConfig, model, tok, src_dir: Path, cands: list, searc
         base = q4km_decode(src_dir, Path(tmp) / "teacher")
         say(f"  speed: teacher Q4_K_M decodes {base['decode_tok_s']:.1f} tok/s")
         for j, d in enumerate(cands):
-            pr = prune_model(model, plan_keep(scores, layer_scores, Dims.of(model.config), d), d, cfg.rescale_norms)
-            sp = candidate_decode(pr, tok, Path(tmp) / f"c{j}")
+            keep = plan_keep(scores, layer_scores, Dims.of(model.config), d)
+            sp = candidate_decode(model, tok, keep, d, Path(tmp) / f"c{j}", cfg.rescale_norms)
             search[j].update(decode_tok_s=sp["decode_tok_s"], file_mb=sp["file_mb"],
                              speedup=round(sp["decode_tok_s"] / base["decode_tok_s"], 3))
             say(f"  speed: {dims_dict(d)} -> {sp['decode_tok_s']:.1f} tok/s ({search[j]['speedup']:.2f}x the teacher)")

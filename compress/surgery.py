@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from edgesmith.errors import EdgesmithError
@@ -50,6 +51,10 @@ def _span(units: list[int], width: int):
     return torch.tensor([u * width + i for u in units for i in range(width)], dtype=torch.long)
 
 
+# the RMSNorms over the hidden channels in a decoder layer (Gemma 3 also normalises before and after the MLP)
+HIDDEN_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+
+
 def prune_state_dict(sd: dict, src: Dims, keep: Keep, rescale_norms: bool = True) -> dict:
     """New state dict holding only the kept units (the surgery). Weights are [out, in]."""
     import torch
@@ -89,8 +94,7 @@ def prune_state_dict(sd: dict, src: Dims, keep: Keep, rescale_norms: bool = True
                 t = t.index_select(0, hid)
                 if kind == "weight":
                     t = t.index_select(1, q if module == "self_attn.o_proj" else mlp)
-            elif module in ("input_layernorm", "post_attention_layernorm",  # Gemma 3 also normalises before and
-                            "pre_feedforward_layernorm", "post_feedforward_layernorm"):  # after the MLP
+            elif module in HIDDEN_NORMS:
                 t = t.index_select(0, hid) * scale
             elif module in ("self_attn.q_norm", "self_attn.k_norm"):  # Qwen3/Gemma 3: one [head_dim] norm for all heads
                 pass
@@ -151,3 +155,53 @@ def prune_model(model, keep: Keep, tgt: Dims, rescale_norms: bool = True):
     src = Dims.of(model.config)
     sd = prune_state_dict(model.state_dict(), src, keep, rescale_norms)
     return build_model(model, sd, new_config(model.config, src, tgt, keep))
+
+
+@contextmanager
+def acting_pruned(model, keep: Keep, rescale_norms: bool = True):
+    """Within the block, `model` computes what `prune_model(model, keep, ...)` would, with no weight copied: the dropped
+    layers are out of its layer list, and removed units are zeroed by hooks where they enter or write: MLP channels at
+    down_proj's input, query heads at o_proj's input, hidden channels wherever the residual stream is written
+    (embeddings, o_proj, down_proj). Exact up to RMSNorm's epsilon, which is added to the mean of x^2 over all channels
+    instead of the kept ones (the rescaled norms of the real surgery compensate the rest exactly). The --target-params
+    search scores each candidate this way, so its memory stays one copy of the model however many shapes it tries."""
+    import torch
+
+    src = Dims.of(model.config)
+    dec = model.model
+    layers = dec.layers
+
+    def mask(n: int, kept: list[int], width: int = 1):  # [n * width] of 1 (kept unit) / 0 (removed unit)
+        m = torch.zeros(n, width)
+        m[kept] = 1
+        return m.flatten()
+
+    def on_input(m):
+        return lambda mod, args: (args[0] * m.to(args[0].dtype), *args[1:])
+
+    def on_output(m):
+        return lambda mod, args, out: out * m.to(out.dtype)
+
+    handles = []
+    try:
+        hid = mask(src.hidden_size, keep.hidden) if len(keep.hidden) < src.hidden_size else None
+        if hid is not None:
+            handles.append(dec.embed_tokens.register_forward_hook(on_output(hid)))
+        for new, old in enumerate(keep.layers):
+            attn, mlp = layers[old].self_attn, layers[old].mlp
+            if len(keep.heads[new]) < src.num_attention_heads:
+                handles.append(attn.o_proj.register_forward_pre_hook(on_input(mask(src.num_attention_heads, keep.heads[new], src.head_dim))))
+            if len(keep.mlp[new]) < src.intermediate_size:
+                handles.append(mlp.down_proj.register_forward_pre_hook(on_input(mask(src.intermediate_size, keep.mlp[new]))))
+            if hid is not None:
+                handles += [attn.o_proj.register_forward_hook(on_output(hid)), mlp.down_proj.register_forward_hook(on_output(hid))]
+        if hid is not None and not rescale_norms:  # the surgery then leaves every hidden-wide RMSNorm sqrt(D'/D) weaker
+            f = torch.tensor(math.sqrt(len(keep.hidden) / src.hidden_size))
+            norms = [dec.norm] + [getattr(layers[l], n) for l in keep.layers for n in HIDDEN_NORMS if hasattr(layers[l], n)]
+            handles += [norm.register_forward_hook(on_output(f)) for norm in norms]
+        dec.layers = torch.nn.ModuleList([layers[i] for i in keep.layers])  # each keeps its own attention type
+        yield model
+    finally:
+        dec.layers = layers
+        for h in handles:
+            h.remove()

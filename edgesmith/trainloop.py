@@ -26,7 +26,7 @@ import random
 import re
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -280,7 +280,7 @@ def _plot(metrics: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-# ---------------------------------------------------------------- the loop's steps
+# ---------------------------------------------------------------- accelerate, optimizer, checkpoints, signals
 
 
 def _accelerator(cfg: TrainConfig):
@@ -372,6 +372,303 @@ def _progress_bar(cfg: TrainConfig, budget: float | None, elapsed_before: float,
     return tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
 
 
+# ---------------------------------------------------------------- the loop's state
+
+
+@dataclass
+class _Run:
+    """What one run trains, after accelerate (and sharding) wrapped it, and where it writes."""
+
+    cfg: TrainConfig
+    acc: Any
+    model: Any  # forward/backward go through this one: DDP-wrapped, or sharded by FSDP
+    raw_model: Any  # the same weights unwrapped: what checkpoints save and load
+    raw_extras: dict
+    params: list
+    opt: Any
+    sched: Any
+    sharded: bool
+    masks: dict | None  # a sparsity pattern re-applied after every step (cut like the weights when sharded)
+    pad_id: int
+    out: Path
+
+    @property
+    def world(self) -> int:
+        return self.acc.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.acc.process_index
+
+    @property
+    def main(self) -> bool:
+        return self.acc.is_main_process
+
+
+@dataclass
+class _Progress:
+    """The counters a checkpoint saves and `resume` restores (plus this process's clock)."""
+
+    step: int = 0
+    best_val: float | None = None
+    first_val: float | None = None
+    last_val: float | None = None
+    bad_evals: int = 0  # evaluations in a row without improvement (early stopping)
+    tokens: int = 0
+    elapsed_before: float = 0.0  # seconds trained by the processes before a resume
+    metrics: list = field(default_factory=list)
+    t0: float = 0.0  # when this process started training (after the baseline evaluation)
+    window: tuple = (0.0, 0)  # (time, tokens) of the last metrics line: tokens/s since then
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.time() - self.t0
+
+
+# ---------------------------------------------------------------- the loop's steps
+
+
+def _prepare(model, extra_modules: dict, cfg: TrainConfig, pad_id: int, out: Path, masks: dict | None) -> _Run:
+    """Accelerator, seed, gradient checkpointing, FSDP sharding (before the optimizer, which must see the sharded
+    parameters) or DDP wrapping (after it)."""
+    from accelerate.utils import set_seed
+
+    acc = _accelerator(cfg)
+    world, rank = acc.num_processes, acc.process_index
+    set_seed(cfg.seed)
+    if cfg.grad_checkpointing:
+        _grad_checkpointing(model)
+    sharded = shard_or_not(cfg, acc, model)
+    if sharded:
+        model = raw_model = shard_model(model, extra_modules, acc.device, world)
+        extra_wrapped = dict(extra_modules)
+        held = sum(p.to_local().numel() for p in model.parameters())
+        print(f"train: sharding fsdp: process {rank} of {world} holds {held} of the model's "
+              f"{sum(p.numel() for p in model.parameters())} weights")
+    params, opt, sched = _optimizer(model, extra_modules, cfg)
+    if not sharded:
+        wrapped = acc.prepare(model, *extra_modules.values())
+        wrapped = list(wrapped) if extra_modules else [wrapped]
+        model, extra_wrapped = wrapped[0], dict(zip(extra_modules, wrapped[1:]))
+        raw_model = acc.unwrap_model(model)
+    raw_extras = {k: acc.unwrap_model(m) for k, m in extra_wrapped.items()}
+    if sharded and masks:  # a mask is cut like its weight, once
+        held_as = dict(raw_model.named_parameters())
+        masks = {n: sliced_like(m, held_as[n]) for n, m in masks.items()}
+    return _Run(cfg=cfg, acc=acc, model=model, raw_model=raw_model, raw_extras=raw_extras, params=params, opt=opt,
+                sched=sched, sharded=sharded, masks=masks, pad_id=pad_id, out=out)
+
+
+def _start(run: _Run) -> _Progress:
+    """Fresh counters, or with `resume` the weights, optimizer, schedule, counters and RNG exactly where the
+    checkpoint left them."""
+    if not run.cfg.resume:
+        return _Progress()
+    st = _load_checkpoint(run.out / "checkpoint", run.cfg, run.world)
+    load_trainable_state(run.raw_model, run.raw_extras, st["weights"])
+    load_optimizer_state(run.opt, st["optimizer"])
+    run.sched.load_state_dict(st["scheduler"])
+    prog = _Progress(step=st["step"], best_val=st["best_val"], first_val=st["first_val"], last_val=st["last_val"],
+                     bad_evals=st["bad_evals"], tokens=st["tokens"], elapsed_before=st["elapsed"])
+    metrics_path = run.out / "metrics.jsonl"
+    if metrics_path.is_file():
+        metrics = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
+        prog.metrics = [m for m in metrics if m.get("step", 0) <= prog.step]
+    return prog
+
+
+def _write_metrics(run: _Run, prog: _Progress) -> None:
+    if run.main:
+        with atomic_open(run.out / "metrics.jsonl") as f:
+            for m in prog.metrics:
+                f.write(json.dumps(m) + "\n")
+
+
+def _save_checkpoint(run: _Run, prog: _Progress, run_info: dict | None) -> None:
+    """OUT/checkpoint/ (state.pt + info.json), replaced atomically, and the metrics so far. Every process takes part:
+    sharded weights and optimizer states are gathered whole onto the main one."""
+    import torch
+
+    weights, optimizer = trainable_state(run.raw_model, run.raw_extras, keep=run.main), optimizer_state(run.opt, keep=run.main)
+    if not run.main:
+        return
+    st = {
+        "weights": weights,
+        "optimizer": optimizer, "scheduler": run.sched.state_dict(), "step": prog.step,
+        "best_val": prog.best_val, "first_val": prog.first_val, "last_val": prog.last_val, "bad_evals": prog.bad_evals,
+        "tokens": prog.tokens, "elapsed": prog.elapsed(),
+        "rng_torch": torch.get_rng_state(), "rng_python": random.getstate(),
+        "world_size": run.world, "batch_size": run.cfg.batch_size, "config": to_dict(run.cfg),
+    }
+    with atomic_dir(run.out / "checkpoint") as tmp:
+        torch.save(st, tmp / "state.pt")
+        write_json(tmp / "info.json", {"step": prog.step, "run": run_info or {}})
+    _write_metrics(run, prog)
+
+
+def _save_best(run: _Run) -> None:
+    import torch
+
+    weights = trainable_state(run.raw_model, run.raw_extras, keep=run.main)  # every process: a sharded model is gathered
+    if run.main:
+        torch.save(weights, run.out / "checkpoint-best.pt")
+
+
+def _on_device(run: _Run, examples: list[dict]) -> dict:
+    return {k: v.to(run.acc.device) for k, v in collate(examples, run.pad_id).items()}
+
+
+def _evaluate(run: _Run, val_examples: list[dict], val_loss_fn) -> float:
+    """Mean validation loss per token over the validation set (or its first eval_batches global batches), all
+    processes together."""
+    import torch
+
+    cfg, acc, model, device = run.cfg, run.acc, run.model, run.acc.device
+    model.eval()
+    total, count = torch.zeros((), device=device), torch.zeros((), device=device)
+    n = len(val_examples)
+    per = cfg.batch_size * run.world
+    n_batches = math.ceil(n / per)
+    if cfg.eval_batches:
+        n_batches = min(n_batches, cfg.eval_batches)
+    with torch.no_grad(), acc.autocast():
+        for bi in range(n_batches):
+            idx = list(range(bi * per, min(n, (bi + 1) * per)))[run.rank * cfg.batch_size:(run.rank + 1) * cfg.batch_size]
+            if not idx:
+                if run.world > 1:  # a forward is collective (FSDP all-gathers weights, DDP broadcasts buffers such
+                    # as rotary frequencies): a process without examples runs one and drops it, or the others hang
+                    val_loss_fn(model, _on_device(run, val_examples[:1]))
+                continue
+            loss_sum, ntok = val_loss_fn(model, _on_device(run, [val_examples[i] for i in idx]))
+            total += loss_sum.float()
+            count += ntok
+    total, count = acc.reduce(total, "sum"), acc.reduce(count, "sum")
+    if run.sharded:  # FSDP keeps the top module's weights whole after a forward without backward: back to slices
+        model.reshard()
+    model.train()
+    return float(total / count.clamp(min=1))
+
+
+def _record_validation(run: _Run, prog: _Progress, v: float, writer, count_bad: bool = True) -> bool:
+    """Note a validation loss; a new best is saved (keep_best). True when it improved on the best."""
+    prog.first_val = v if prog.first_val is None else prog.first_val
+    prog.last_val = v
+    prog.metrics.append({"step": prog.step, "val_loss": round(v, 6)})
+    if writer:
+        writer.add_scalar("val/loss", v, prog.step)
+    if prog.best_val is None or v < prog.best_val - 1e-6:
+        prog.best_val, prog.bad_evals = v, (0 if count_bad else prog.bad_evals)
+        if run.cfg.keep_best:
+            _save_best(run)
+        return True
+    prog.bad_evals += 1 if count_bad else 0
+    return False
+
+
+def _stop_reason(run: _Run, prog: _Progress, budget: float | None, stop_signal: list[int]) -> tuple[str | None, float]:
+    """(time_budget | interrupted | None, seconds trained). All processes stop at the same step (one stopping alone
+    leaves the rest waiting in a collective): a signal reaching one counts for all, the budget reads the mean clock."""
+    import torch
+
+    elapsed, signalled = prog.elapsed(), float(bool(stop_signal))
+    if run.world > 1:
+        both = torch.tensor([elapsed / run.world, signalled], dtype=torch.float64, device=run.acc.device)
+        elapsed, signalled = run.acc.reduce(both, "sum").tolist()
+    if budget is not None and elapsed >= budget:
+        return "time_budget", elapsed
+    return ("interrupted" if signalled else None), elapsed
+
+
+def _train_step(run: _Run, prog: _Progress, train_examples: list[dict], loss_fn, progress: float,
+                budget: float | None) -> tuple[float, float]:
+    """One optimizer step over the global batch (every process, every micro-batch): forward, backward, clipping, the
+    learning rate, AdamW, the sparsity masks. -> (loss per token of the global batch, the learning rate applied)."""
+    import torch
+
+    cfg, acc, world, rank = run.cfg, run.acc, run.world, run.rank
+    micro_batches = []
+    for micro in range(cfg.grad_accum):
+        idx = global_batch_indices(len(train_examples), prog.step, micro, cfg.batch_size * world, cfg.grad_accum, cfg.seed)
+        micro_batches.append(_on_device(run, [train_examples[i] for i in idx[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]]))
+    # tokens carrying loss in the whole global batch (all ranks, all micro-batches)
+    local_tok = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches)
+    global_tok = int(acc.reduce(torch.tensor(local_tok, device=acc.device), "sum"))
+    step_loss = torch.zeros((), device=acc.device)
+    for mi, b in enumerate(micro_batches):
+        b["progress"] = progress  # a loss with phases (distill's block-wise phase) reads how far the run is
+        sync = mi == len(micro_batches) - 1
+        # sharded: gradients are reduce-scattered after every micro-batch (skipping it would keep them whole)
+        ctx = acc.no_sync(run.model) if (not sync and world > 1 and not run.sharded) else _nullctx()
+        with ctx, acc.autocast():
+            loss_sum, _ = loss_fn(run.model, b)
+            loss = loss_sum.float() * world / max(global_tok, 1)
+        acc.backward(loss)
+        step_loss += loss.detach() / world
+    if cfg.max_grad_norm > 0:
+        acc.clip_grad_norm_(run.params, cfg.max_grad_norm)
+    if cfg.schedule == "time":  # the rate follows the clock: this step's share of the budget
+        mult = lr_at(prog.step, cfg, prog.elapsed() / budget)
+        for g in run.opt.param_groups:
+            g["lr"] = cfg.lr * mult
+    used_lr = run.opt.param_groups[0]["lr"]  # the rate this step applied (the scheduler moves it on below)
+    run.opt.step()
+    if run.masks:  # a sparsity pattern from prune survives every update
+        apply_masks(run.raw_model, run.masks)
+    run.sched.step()
+    run.opt.zero_grad(set_to_none=True)
+    prog.step += 1
+    prog.tokens += int(acc.reduce(torch.tensor(sum(int(b["attention_mask"].sum()) for b in micro_batches), device=acc.device), "sum"))
+    return float(acc.reduce(step_loss, "sum")), used_lr
+
+
+def _log_step(prog: _Progress, loss: float, lr: float, writer, bar) -> None:
+    """A metrics line (loss, rate, tokens, tokens/s since the last line), TensorBoard and the progress bar."""
+    now = time.time()
+    tps = (prog.tokens - prog.window[1]) / max(now - prog.window[0], 1e-9)
+    prog.window = (now, prog.tokens)
+    m = {"step": prog.step, "loss": round(loss, 6), "lr": lr, "tokens": prog.tokens,
+         "tok_per_s": round(tps, 1), "elapsed_s": round(prog.elapsed_before + now - prog.t0, 2)}
+    prog.metrics.append(m)
+    if writer:
+        writer.add_scalar("train/loss", loss, prog.step)
+        writer.add_scalar("train/lr", lr, prog.step)
+    if bar:
+        bar.set_postfix(step=prog.step, loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
+
+
+def _tensorboard(run: _Run, out: Path):
+    """A TensorBoard writer on the main process when tensorboard is installed (else the JSONL only)."""
+    if not run.main:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(str(out / "tensorboard"))
+    except Exception:  # noqa: BLE001 - tensorboard not installed: JSONL only
+        return None
+
+
+def _finish(run: _Run, prog: _Progress, caller_model, has_val: bool) -> None:
+    """The best weights back in place (keep_best), whole again in the caller's model when sharded; the metrics and the
+    loss curve written."""
+    import torch
+
+    best_path = run.out / "checkpoint-best.pt"
+    if run.cfg.keep_best and has_val and best_path.is_file():
+        load_trainable_state(run.raw_model, run.raw_extras, torch.load(best_path, map_location="cpu", weights_only=True))
+    if run.sharded:
+        run.opt.state.clear()  # the AdamW states are done with: released before the whole weights are gathered
+        unshard_into(caller_model, run.model)
+    run.acc.wait_for_everyone()
+    if run.main and best_path.is_file():
+        best_path.unlink()
+    if run.main and prog.metrics:
+        _write_metrics(run, prog)
+        try:
+            _plot(prog.metrics, run.out / "loss.png")
+        except Exception as e:  # noqa: BLE001 - a plot must never fail a finished run
+            print(f"warning: loss curve not written ({type(e).__name__}: {e})")
+
+
 # ---------------------------------------------------------------- the loop
 
 
@@ -396,241 +693,55 @@ def train(
     On return the model holds the best-validation weights when cfg.keep_best and validation ran.
     masks (sparsity_masks): parameter name -> the weights allowed to be non-zero, re-applied after every step.
     """
-    import torch
-    from accelerate.utils import set_seed
-
     out = ensure_writable_dir(out_dir)
-    extra_modules = extra_modules or {}
     val_loss_fn = val_loss_fn or loss_fn
     if not train_examples:
         raise EdgesmithError("no training examples")
 
-    acc = _accelerator(cfg)
-    world, rank, main = acc.num_processes, acc.process_index, acc.is_main_process
-    device = acc.device
-    set_seed(cfg.seed)
-    if cfg.grad_checkpointing:
-        _grad_checkpointing(model)
-    sharded = shard_or_not(cfg, acc, model)
-    caller_model = model
-    if sharded:  # the optimizer must see the sharded parameters, so sharding comes first
-        model = raw_model = shard_model(model, extra_modules, device, world)
-        extra_wrapped = dict(extra_modules)
-        held = sum(p.to_local().numel() for p in model.parameters())
-        print(f"train: sharding fsdp: process {rank} of {world} holds {held} of the model's "
-              f"{sum(p.numel() for p in model.parameters())} weights")
-    params, opt, sched = _optimizer(model, extra_modules, cfg)
-    n_trainable = sum(p.numel() for p in params)
-    if not sharded:
-        wrapped = acc.prepare(model, *extra_modules.values())
-        wrapped = list(wrapped) if extra_modules else [wrapped]
-        model, extra_wrapped = wrapped[0], dict(zip(extra_modules, wrapped[1:]))
-        raw_model = acc.unwrap_model(model)
-    raw_extras = {k: acc.unwrap_model(m) for k, m in extra_wrapped.items()}
-    if sharded and masks:  # a mask is cut like its weight, once
-        held_as = dict(raw_model.named_parameters())
-        masks = {n: sliced_like(m, held_as[n]) for n, m in masks.items()}
-
-    ckpt_dir = out / "checkpoint"
-    metrics_path = out / "metrics.jsonl"
-    best_path = out / "checkpoint-best.pt"
-    step, best_val, first_val, last_val, bad_evals, tokens_seen, elapsed_before = 0, None, None, None, 0, 0, 0.0
-    metrics: list[dict] = []
-    if cfg.resume:  # weights, optimizer, schedule, counters and RNG exactly where the checkpoint left them
-        st = _load_checkpoint(ckpt_dir, cfg, world)
-        load_trainable_state(raw_model, raw_extras, st["weights"])
-        load_optimizer_state(opt, st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        step, best_val, first_val, last_val = st["step"], st["best_val"], st["first_val"], st["last_val"]
-        bad_evals, tokens_seen, elapsed_before = st["bad_evals"], st["tokens"], st["elapsed"]
-        if metrics_path.is_file():
-            metrics = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
-            metrics = [m for m in metrics if m.get("step", 0) <= step]
-
-    def save_checkpoint() -> None:
-        # every process takes part: sharded weights and optimizer states are gathered whole onto the main one
-        weights, optimizer = trainable_state(raw_model, raw_extras, keep=main), optimizer_state(opt, keep=main)
-        if not main:
-            return
-        st = {
-            "weights": weights,
-            "optimizer": optimizer, "scheduler": sched.state_dict(), "step": step,
-            "best_val": best_val, "first_val": first_val, "last_val": last_val, "bad_evals": bad_evals,
-            "tokens": tokens_seen, "elapsed": elapsed_before + (time.time() - t0),
-            "rng_torch": torch.get_rng_state(), "rng_python": random.getstate(),
-            "world_size": world, "batch_size": cfg.batch_size, "config": to_dict(cfg),
-        }
-        with atomic_dir(ckpt_dir) as tmp:
-            torch.save(st, tmp / "state.pt")
-            write_json(tmp / "info.json", {"step": step, "run": run_info or {}})
-        write_metrics()
-
-    def save_best() -> None:
-        weights = trainable_state(raw_model, raw_extras, keep=main)  # every process: a sharded model is gathered
-        if main:
-            torch.save(weights, best_path)
-
-    def write_metrics() -> None:
-        if not main:
-            return
-        with atomic_open(metrics_path) as f:
-            for m in metrics:
-                f.write(json.dumps(m) + "\n")
-
-    def batch_on_device(examples: list[dict]) -> dict:
-        b = collate(examples, pad_id)
-        return {k: v.to(device) for k, v in b.items()}
-
-    def evaluate() -> float:
-        model.eval()
-        total, count = torch.zeros((), device=device), torch.zeros((), device=device)
-        n = len(val_examples)
-        per = cfg.batch_size * world
-        n_batches = math.ceil(n / per)
-        if cfg.eval_batches:
-            n_batches = min(n_batches, cfg.eval_batches)
-        with torch.no_grad(), acc.autocast():
-            for bi in range(n_batches):
-                idx = list(range(bi * per, min(n, (bi + 1) * per)))[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
-                if not idx:
-                    if world > 1:  # a forward is collective (FSDP all-gathers weights, DDP broadcasts buffers such
-                        # as rotary frequencies): a process without examples runs one and drops it, or the others hang
-                        val_loss_fn(model, batch_on_device(val_examples[:1]))
-                    continue
-                loss_sum, ntok = val_loss_fn(model, batch_on_device([val_examples[i] for i in idx]))
-                total += loss_sum.float()
-                count += ntok
-        total, count = acc.reduce(total, "sum"), acc.reduce(count, "sum")
-        if sharded:  # FSDP keeps the top module's weights whole after a forward without backward: back to slices
-            model.reshard()
-        model.train()
-        return float(total / count.clamp(min=1))
-
+    run = _prepare(model, extra_modules or {}, cfg, pad_id, out, masks)
+    prog = _start(run)
     stop_signal, old_handlers = _catch_stop_signals()  # SIGINT/SIGTERM: finish the current step, checkpoint, stop
-
-    writer = None
-    if main:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(str(out / "tensorboard"))
-        except Exception:  # noqa: BLE001 - tensorboard not installed: JSONL only
-            writer = None
-
+    writer = _tensorboard(run, out)
     budget = parse_duration(cfg.time_budget) if cfg.time_budget else None
-    n = len(train_examples)
-    global_micro = cfg.batch_size * world
-    by_time = budget is not None
-    bar = _progress_bar(cfg, budget, elapsed_before, step) if main and cfg.progress else None
-    if val_examples and step == 0:  # the baseline: "validation loss decreases" needs a starting point
-        first_val = last_val = best_val = evaluate()
-        metrics.append({"step": 0, "val_loss": round(first_val, 6)})
+    bar = _progress_bar(cfg, budget, prog.elapsed_before, prog.step) if run.main and cfg.progress else None
+    if val_examples and prog.step == 0:  # the baseline: "validation loss decreases" needs a starting point
+        prog.first_val = prog.last_val = prog.best_val = _evaluate(run, val_examples, val_loss_fn)
+        prog.metrics.append({"step": 0, "val_loss": round(prog.first_val, 6)})
         if cfg.keep_best:  # training that only makes things worse gives back the starting weights
-            save_best()
-    model.train()
-    t0 = time.time()  # the time budget counts training, not the baseline evaluation
-    stopped = "max_steps"
-    last_loss = float("nan")
-    tok_window = (time.time(), tokens_seen)
+            _save_best(run)
+    run.model.train()
+    prog.t0 = time.time()  # the time budget counts training, not the baseline evaluation
+    prog.window = (prog.t0, prog.tokens)
+    stopped, loss = "max_steps", float("nan")
     try:
-        while step < cfg.max_steps:
-            elapsed, signalled = elapsed_before + time.time() - t0, float(bool(stop_signal))
-            if world > 1:  # all processes stop at the same step (one stopping alone leaves the rest waiting in a
-                # collective): a signal reaching one counts for all, the budget and the phase read the mean clock
-                both = torch.tensor([elapsed / world, signalled], dtype=torch.float64, device=device)
-                elapsed, signalled = acc.reduce(both, "sum").tolist()
-            if budget is not None and elapsed >= budget:
-                stopped = "time_budget"
+        while prog.step < cfg.max_steps:
+            reason, elapsed = _stop_reason(run, prog, budget, stop_signal)
+            if reason:
+                stopped = reason
                 break
-            if signalled:
-                stopped = "interrupted"
-                break
-            micro_batches = []
-            for micro in range(cfg.grad_accum):
-                idx = global_batch_indices(n, step, micro, global_micro, cfg.grad_accum, cfg.seed)
-                micro_batches.append(batch_on_device([train_examples[i] for i in idx[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]]))
-            # tokens carrying loss in the whole global batch (all ranks, all micro-batches)
-            local_tok = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches)
-            global_tok = int(acc.reduce(torch.tensor(local_tok, device=device), "sum"))
-            step_loss = torch.zeros((), device=device)
-            # how far through the run this step is (0..1, by the clock under a time budget, else by steps):
-            # a loss with phases (distill's block-wise phase) reads it, and it survives a resume
-            progress = (elapsed / budget) if budget is not None else step / max(1, cfg.max_steps)
-            for mi, b in enumerate(micro_batches):
-                b["progress"] = min(1.0, progress)
-                sync = mi == len(micro_batches) - 1
-                # sharded: gradients are reduce-scattered after every micro-batch (skipping it would keep them whole)
-                ctx = acc.no_sync(model) if (not sync and world > 1 and not sharded) else _nullctx()
-                with ctx, acc.autocast():
-                    loss_sum, _ = loss_fn(model, b)
-                    loss = loss_sum.float() * world / max(global_tok, 1)
-                acc.backward(loss)
-                step_loss += loss.detach() / world
-            if cfg.max_grad_norm > 0:
-                acc.clip_grad_norm_(params, cfg.max_grad_norm)
-            if cfg.schedule == "time":  # the rate follows the clock: this step's share of the budget
-                mult = lr_at(step, cfg, (elapsed_before + time.time() - t0) / budget)
-                for g in opt.param_groups:
-                    g["lr"] = cfg.lr * mult
-            used_lr = opt.param_groups[0]["lr"]  # the rate this step applied (the scheduler moves it on below)
-            opt.step()
-            if masks:  # a sparsity pattern from prune survives every update
-                apply_masks(raw_model, masks)
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            tokens_seen += int(acc.reduce(torch.tensor(sum(int(b["attention_mask"].sum()) for b in micro_batches), device=device), "sum"))
-            last_loss = float(acc.reduce(step_loss, "sum"))
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                now = time.time()
-                tps = (tokens_seen - tok_window[1]) / max(now - tok_window[0], 1e-9)
-                tok_window = (now, tokens_seen)
-                m = {"step": step, "loss": round(last_loss, 6), "lr": used_lr, "tokens": tokens_seen,
-                     "tok_per_s": round(tps, 1), "elapsed_s": round(elapsed_before + now - t0, 2)}
-                metrics.append(m)
-                if writer:
-                    writer.add_scalar("train/loss", last_loss, step)
-                    writer.add_scalar("train/lr", m["lr"], step)
-                if bar:
-                    bar.set_postfix(step=step, loss=f"{last_loss:.4f}", lr=f"{m['lr']:.2e}", tok_s=f"{tps:.0f}")
+            # how far through the run this step is (0..1, by the clock under a time budget, else by steps)
+            progress = (elapsed / budget) if budget is not None else prog.step / max(1, cfg.max_steps)
+            loss, lr = _train_step(run, prog, train_examples, loss_fn, min(1.0, progress), budget)
+            if prog.step % cfg.log_every == 0 or prog.step == cfg.max_steps:
+                _log_step(prog, loss, lr, writer, bar)
             if bar:
-                bar.update(1 if not by_time else min(budget, elapsed_before + time.time() - t0) - bar.n)
-            if val_examples and cfg.eval_every and step % cfg.eval_every == 0:
-                v = evaluate()
-                first_val = v if first_val is None else first_val
-                last_val = v
-                metrics.append({"step": step, "val_loss": round(v, 6)})
-                if writer:
-                    writer.add_scalar("val/loss", v, step)
-                if best_val is None or v < best_val - 1e-6:
-                    best_val, bad_evals = v, 0
-                    if cfg.keep_best:
-                        save_best()
-                else:
-                    bad_evals += 1
-                    if cfg.early_stopping and bad_evals >= cfg.early_stopping:
-                        stopped = "early_stopping"
-                        break
-            if cfg.save_every and step % cfg.save_every == 0:
-                save_checkpoint()
-                acc.wait_for_everyone()
-        else:
-            stopped = "max_steps"
-        if stop_signal and stopped == "max_steps" and step < cfg.max_steps:
+                bar.update(1 if budget is None else min(budget, prog.elapsed()) - bar.n)
+            if val_examples and cfg.eval_every and prog.step % cfg.eval_every == 0:
+                better = _record_validation(run, prog, _evaluate(run, val_examples, val_loss_fn), writer)
+                if not better and cfg.early_stopping and prog.bad_evals >= cfg.early_stopping:
+                    stopped = "early_stopping"
+                    break
+            if cfg.save_every and prog.step % cfg.save_every == 0:
+                _save_checkpoint(run, prog, run_info)
+                run.acc.wait_for_everyone()
+        if stop_signal and stopped == "max_steps" and prog.step < cfg.max_steps:
             stopped = "interrupted"
-        # final validation if it has not just run
-        if val_examples and stopped != "interrupted" and not (cfg.eval_every and step % cfg.eval_every == 0 and metrics and "val_loss" in metrics[-1]):
-            v = evaluate()
-            first_val = v if first_val is None else first_val
-            last_val = v
-            metrics.append({"step": step, "val_loss": round(v, 6)})
-            if best_val is None or v < best_val - 1e-6:
-                best_val = v
-                if cfg.keep_best:
-                    save_best()
+        just_validated = cfg.eval_every and prog.step % cfg.eval_every == 0 and prog.metrics and "val_loss" in prog.metrics[-1]
+        if val_examples and stopped != "interrupted" and not just_validated:  # the final validation
+            _record_validation(run, prog, _evaluate(run, val_examples, val_loss_fn), writer, count_bad=False)
         if cfg.save_every or stopped == "interrupted":
-            save_checkpoint()  # a finished run keeps no optimizer state unless checkpoints were asked for
-        acc.wait_for_everyone()
+            _save_checkpoint(run, prog, run_info)  # a finished run keeps no optimizer state unless checkpoints were asked for
+        run.acc.wait_for_everyone()
     finally:
         if bar:
             bar.close()
@@ -639,26 +750,13 @@ def train(
         for s, h in old_handlers.items():
             signal.signal(s, h)
     if stopped == "interrupted":
-        write_metrics()
-        raise KeyboardInterrupt(f"interrupted at step {step}; checkpoint saved in {ckpt_dir} (continue with --resume)")
-    if cfg.keep_best and val_examples and best_path.is_file():
-        load_trainable_state(raw_model, raw_extras, torch.load(best_path, map_location="cpu", weights_only=True))
-    if sharded:
-        opt.state.clear()  # the AdamW states are done with: released before the whole weights are gathered
-        unshard_into(caller_model, model)
-    acc.wait_for_everyone()
-    if main and best_path.is_file():
-        best_path.unlink()
-    if main and metrics:
-        write_metrics()
-        try:
-            _plot(metrics, out / "loss.png")
-        except Exception as e:  # noqa: BLE001 - a plot must never fail a finished run
-            print(f"warning: loss curve not written ({type(e).__name__}: {e})")
-    return TrainResult(steps=step, stopped=stopped, train_loss=last_loss, best_val_loss=best_val,
-                       first_val_loss=first_val, last_val_loss=last_val, tokens=tokens_seen,
-                       seconds=round(elapsed_before + time.time() - t0, 2), precision=acc.mixed_precision,
-                       world_size=world, trainable_params=n_trainable)
+        _write_metrics(run, prog)
+        raise KeyboardInterrupt(f"interrupted at step {prog.step}; checkpoint saved in {out / 'checkpoint'} (continue with --resume)")
+    _finish(run, prog, model, bool(val_examples))
+    return TrainResult(steps=prog.step, stopped=stopped, train_loss=loss, best_val_loss=prog.best_val,
+                       first_val_loss=prog.first_val, last_val_loss=prog.last_val, tokens=prog.tokens,
+                       seconds=round(prog.elapsed(), 2), precision=run.acc.mixed_precision,
+                       world_size=run.world, trainable_params=sum(p.numel() for p in run.params))
 
 
 class _nullctx:

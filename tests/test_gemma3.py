@@ -19,7 +19,7 @@ import torch
 
 from edgesmith.compress.importance import Dims, magnitude_scores
 from edgesmith.compress.prune import PruneConfig, run
-from edgesmith.compress.surgery import plan_keep, prune_model
+from edgesmith.compress.surgery import acting_pruned, plan_keep, prune_model
 from edgesmith.errors import EdgesmithError
 from prune_ref import masked_reference, zero_eps
 
@@ -108,6 +108,11 @@ def test_surgery_is_exact(family, axis):
         got = pruned(ids).logits
         ref = ref_model(ids).logits
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
+    if tgt.hidden_size < src.hidden_size:
+        zero_eps(model)
+    with torch.no_grad(), acting_pruned(model, keep):  # the --target-params search's way: hooks, nothing copied
+        acted = model(ids).logits
+    torch.testing.assert_close(acted, got, atol=2e-5, rtol=1e-4)
     c = pruned.config
     assert (c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_attention_heads, c.head_dim) == \
         (tgt.num_layers, tgt.hidden_size, tgt.intermediate_size, tgt.num_attention_heads, src.head_dim)

@@ -15,7 +15,7 @@ from edgesmith.compress.importance import IMPORTANCE, LAYER_IMPORTANCE, Dims, ma
 from edgesmith.compress.sparsity import apply_sparsity
 from edgesmith.compress.prune import PruneConfig, parse_count, run
 from edgesmith.compress.shape import check_heads, count_params, head_choices, round_width
-from edgesmith.compress.surgery import plan_keep, prune_model
+from edgesmith.compress.surgery import acting_pruned, plan_keep, prune_model
 from edgesmith.config import from_dict, load_yaml
 from edgesmith.errors import ConfigError, EdgesmithError
 from edgesmith.modelio import load_model
@@ -55,6 +55,17 @@ def test_surgery_is_exact(tiny_factory, kind, axis):
     with torch.no_grad():
         want, got = reference(ids).logits, pruned(ids).logits
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (got - want).abs().max()
+    # the --target-params search's way: the source acting as the pruned model (hooks, nothing copied), itself afterwards
+    zero_eps(model)
+    for rescale in (True, False) if tgt.hidden_size < src.hidden_size else (True,):
+        with torch.no_grad():
+            before = model(ids).logits
+            with acting_pruned(model, keep, rescale):
+                acted = model(ids).logits
+            after = model(ids).logits
+            target = got if rescale else zero_eps(prune_model(model, keep, tgt, rescale_norms=False))(ids).logits
+        assert torch.allclose(acted, target, atol=1e-5, rtol=1e-4), (rescale, (acted - target).abs().max())
+        assert torch.equal(before, after)
     # heads stay GQA-consistent: every kept query head sits in a kept kv group, same count per group
     for heads, kv in zip(keep.heads, keep.kv):
         groups = [h // src.group for h in heads]
@@ -265,7 +276,7 @@ def test_target_speedup_keeps_only_fast_enough_shapes(tiny_factory, tmp_path, mo
     total = count_params(Dims.of(load_model(str(src_dir)).config), 49152, True)[0]
     speeds = iter(range(2, 100))
     monkeypatch.setattr(S, "q4km_decode", lambda hf, work, threads=0, repeat=2: {"decode_tok_s": 10.0, "file_mb": 1.0})
-    monkeypatch.setattr(S, "candidate_decode", lambda m, tok, work, threads=0: {"decode_tok_s": 10.0 * next(speeds), "file_mb": 1.0})
+    monkeypatch.setattr(S, "candidate_decode", lambda *a, **k: {"decode_tok_s": 10.0 * next(speeds), "file_mb": 1.0})
     common = dict(model=str(src_dir), target_params=str(total - 60_000), calib=str(_calib(tmp_path)), calib_windows=4,
                   calib_seq_len=32, eval_windows=0, search_candidates=3, round_to=32)
     out = run(PruneConfig(**common, out=str(tmp_path / "p"), target_speedup=3.0), quiet=True)
