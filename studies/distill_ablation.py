@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import platform
 import sys
@@ -52,6 +51,13 @@ ROWS = {
                     "distill": {"block_phase": 0.2}},
     "block-mix": {"base": "schedule", "about": "schedule + the block-wise loss mixed into KD (weight 1, student-side inputs)",
                   "distill": {"block_weight": 1.0}},
+    "topk16": {"base": "schedule", "about": "schedule with 16 instead of 64 teacher log-probs kept per position (a new corpus, "
+                                          "same seed and size)", "distill": {"corpus": {"topk": 16}}},
+    "topk256": {"base": "schedule", "about": "schedule with 256 teacher log-probs kept per position (a new corpus, same seed "
+                                            "and size)", "distill": {"corpus": {"topk": 256}}},
+    "full-logits": {"base": "schedule", "live_teacher": True,
+                    "about": "schedule's corpus text, the teacher run at every step: KL over the full 49k vocabulary "
+                             "instead of the cached top-64 (its forward comes out of the same budget)"},
     "depth-pruned": {"shape": "depth", "about": "another shape at the same size: 30 -> 19 layers (block influence), "
                                                 "MLP kept at 1536 (63% of non-embedding parameters), pruned only"},
     "depth": {"base": "schedule", "shape": "depth", "about": "schedule's recovery on the 19-layer shape"},
@@ -59,6 +65,10 @@ ROWS = {
 # the student shapes the rows start from (demo: MLP 1536 -> 1024 and 30 -> 26 layers)
 SHAPES = {"demo": {"intermediate_size": 1024, "num_layers": 26}, "depth": {"intermediate_size": 1536, "num_layers": 19},
           "demo-ls": {"intermediate_size": 1024, "num_layers": 26, "reconstruct": "ls"}}
+
+
+def live_teacher(row: str) -> bool:
+    return bool(ROWS[row].get("live_teacher"))
 
 
 def merged(row: str) -> dict:
@@ -117,7 +127,7 @@ def main() -> int:
 
     from edgesmith.compress.prune import PruneConfig
     from edgesmith.compress.prune import run as prune
-    from edgesmith.config import from_dict, to_dict
+    from edgesmith.config import from_dict
     from edgesmith.distill.distill import DistillConfig
     from edgesmith.distill.distill import run as distill
     from edgesmith.fsutil import write_json, write_text
@@ -161,6 +171,12 @@ def main() -> int:
 
                     d = build_teacher_corpus("default", from_dict(CorpusSpec, over.get("corpus", {})))
                     gen_s = json.loads((d / "meta.json").read_text()).get("build_seconds", time.time() - tg)
+                    if live_teacher(row):  # the same sequences as plain text records; the teacher scores them live
+                        text_file = work / f"corpus-text-{d.name}.jsonl"
+                        rows = [json.loads(x) for x in (d / "examples.jsonl").read_text(encoding="utf-8").splitlines() if x]
+                        write_text(text_file, "".join(json.dumps({"text": r["text"]}, ensure_ascii=False) + "\n" for r in rows))
+                        over = {**{k: v for k, v in over.items() if k != "corpus"}, "data": str(text_file), "format": "text",
+                                "packing": False, "cache_teacher_topk": 0}
                 else:
                     from edgesmith.distill.teacher_data import generate_corpus
 
