@@ -51,6 +51,8 @@ ROWS = {
                     "distill": {"block_phase": 0.2}},
     "block-mix": {"base": "schedule", "about": "schedule + the block-wise loss mixed into KD (weight 1, student-side inputs)",
                   "distill": {"block_weight": 1.0}},
+    "schedule-rerun": {"base": "schedule", "about": "schedule again, on the day of the top-k rows (the machine's speed "
+                                                  "varies between days: compare steps and tok/s)"},
     "topk16": {"base": "schedule", "about": "schedule with 16 instead of 64 teacher log-probs kept per position (a new corpus, "
                                           "same seed and size)", "distill": {"corpus": {"topk": 16}}},
     "topk256": {"base": "schedule", "about": "schedule with 256 teacher log-probs kept per position (a new corpus, same seed "
