@@ -21,6 +21,7 @@ COMMANDS = {
     "data": "edgesmith.prepare",
     "chat": "edgesmith.chat",
     "prune": "edgesmith.compress.cli",
+    "trim-vocab": "edgesmith.compress.vocab",
     "distill": "edgesmith.distill.cli",
     "finetune": "edgesmith.finetune.cli",
     "merge": "edgesmith.finetune.merge",

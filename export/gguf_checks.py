@@ -103,7 +103,7 @@ def check_tokenizer_metadata(gguf_path: Path, hf_dir: Path) -> dict:
     }
     if tok.pad_token_id is not None:
         checks["pad_matches_hf"] = f.get("tokenizer.ggml.padding_token_id") == tok.pad_token_id
-    src = _source_gguf(hf_dir)
+    src = _source_gguf(hf_dir, same_vocab=True)
     if src is not None:
         s = tokenizer_fields(src)
         same = [k for k in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.merges",

@@ -105,13 +105,18 @@ def _read_json(p: Path) -> dict:
         return {}
 
 
-def _source_gguf(hf_dir: Path) -> Path | None:
-    """The GGUF an HF dir was materialised from (edgesmith.json 'source'), following stage dirs back."""
+def _source_gguf(hf_dir: Path, same_vocab: bool = False) -> Path | None:
+    """The GGUF an HF dir was materialised from (edgesmith.json 'source'), following stage dirs back. With
+    same_vocab, None when a stage on the way changed the vocabulary (`edgesmith trim-vocab`): that GGUF's pre-tokenizer
+    and licence still apply, its token list does not."""
     seen = set()
     d = Path(hf_dir)
     while d and d not in seen:
         seen.add(d)
-        src = _read_json(d / "edgesmith.json").get("source")
+        info = _read_json(d / "edgesmith.json")
+        if same_vocab and info.get("stage") == "trim-vocab":
+            return None
+        src = info.get("source")
         if not src:
             return None
         p = Path(src)
@@ -220,7 +225,7 @@ def convert(hf_dir: Path, out_path: Path, outtype: str = "F16", name: str | None
         if "BPE pre-tokenizer was not recognized" in log:
             # a tokenizer llama.cpp does not know by hash; if it came from a GGUF, reuse that file's
             # pre-tokenizer name (same vocabulary, and modelio rebuilt the same pre-tokenizer from it)
-            pre = _fallback_pre(hf_dir)
+            pre = _fallback_pre(hf_dir, llama_dir)
             if pre is None:
                 raise EdgesmithError(f"{hf_dir}: llama.cpp's converter does not recognise this tokenizer's "
                                      "pre-tokenizer (and there is no source GGUF to take it from)")
@@ -269,14 +274,42 @@ def _last_error(log: str) -> str:
     return (errs or lines or ["no output"])[-1][:300]
 
 
-def _fallback_pre(hf_dir: Path) -> str | None:
+def _fallback_pre(hf_dir: Path, llama_dir: Path) -> str | None:
+    """The pre-tokenizer name for a tokenizer llama.cpp does not know by hash: the source GGUF's, else, after
+    `edgesmith trim-vocab` (same pre-tokenizer, renumbered ids, so a new hash), the one llama.cpp's converter finds for
+    the untrimmed source directory."""
     src = _source_gguf(hf_dir)
-    if src is None:
-        return None
-    from edgesmith.gguf_read import metadata
+    if src is not None:
+        from edgesmith.gguf_read import metadata
 
-    pre = metadata(src).get("tokenizer.ggml.pre")
-    return pre if isinstance(pre, str) else None
+        pre = metadata(src).get("tokenizer.ggml.pre")
+        return pre if isinstance(pre, str) else None
+    seen, d = set(), Path(hf_dir)
+    while d.is_dir() and d not in seen:
+        seen.add(d)
+        info = _read_json(d / "edgesmith.json")
+        if info.get("stage") == "trim-vocab" and info.get("source"):
+            return _pre_by_hash(llama_dir, Path(info["source"]))
+        d = Path(info["source"]) if info.get("source") else Path()
+    return None
+
+
+_PRE_BY_HASH = r"""
+import sys
+sys.path[:0] = [sys.argv[1] + "/gguf-py", sys.argv[1]]
+from transformers import AutoTokenizer
+from conversion.base import TextModel
+print("PRE=" + TextModel.get_vocab_base_pre(None, AutoTokenizer.from_pretrained(sys.argv[2], local_files_only=True)))
+"""
+
+
+def _pre_by_hash(llama_dir: Path, hf_dir: Path) -> str | None:
+    """llama.cpp's converter's own pre-tokenizer name for `hf_dir`'s tokenizer (None if it does not know it)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", _PRE_BY_HASH, str(llama_dir), str(hf_dir)], capture_output=True,
+                          text=True, env=env)
+    m = re.search(r"^PRE=(\S+)$", proc.stdout, re.M)
+    return m.group(1) if m else None
 
 
 # ---------------------------------------------------------------- LoRA adapter -> GGUF LoRA
