@@ -73,10 +73,59 @@ def _export_fp32(hf_dir: Path, dest: Path) -> None:
     main_export(str(hf_dir), str(dest), task="text-generation-with-past", do_validation=False, local_files_only=True)
     if not (dest / MODEL_FILE).is_file():
         raise EdgesmithError(f"{hf_dir}: optimum-onnx produced no {MODEL_FILE}")
+    _retie_exported(dest)
     # optimum copies tokenizer.json/config; make sure the chat template travels too
     for f in ("chat_template.jinja", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (hf_dir / f).is_file() and not (dest / f).exists():
             shutil.copy(hf_dir / f, dest / f)
+
+
+def _retie_lm_head(model) -> int:
+    """The opposite of _untie_lm_head, for fp32: where the exporter stored a tied lm_head as its own constant
+    [hidden, vocab] equal to the embedding table transposed (Gemma 3: a second 640 MiB copy of the 262k x 640
+    table, 1.6x the checkpoint), point the MatMul at `Transpose(embedding)` instead and drop the copy. Returns how
+    many copies were dropped. SmolLM2's export already has the Transpose form: nothing to do there."""
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    tables = {n.input[0] for n in g.node if n.op_type == "Gather" and n.input[0] in inits}
+    done = 0
+    for n in list(g.node):
+        if n.op_type != "MatMul" or n.input[1] not in inits:
+            continue
+        w = inits[n.input[1]]
+        for t in tables:
+            e = inits[t]
+            if len(e.dims) != 2 or list(w.dims) != list(e.dims)[::-1] or e.data_type != w.data_type:
+                continue
+            if not np.array_equal(numpy_helper.to_array(w), numpy_helper.to_array(e).T):
+                continue
+            users = [u for u in g.node if n.input[1] in u.input]
+            out = t + "_tied_T"
+            if not any(x.output and x.output[0] == out for x in g.node):
+                g.node.insert(list(g.node).index(n), helper.make_node("Transpose", [t], [out], perm=[1, 0], name=out))
+            for u in users:
+                u.input[:] = [out if i == n.input[1] else i for i in u.input]
+            g.initializer.remove(w)
+            del inits[w.name]
+            done += 1
+            break
+    return done
+
+
+def _retie_exported(d: Path) -> int:
+    """_retie_lm_head on d/model.onnx, rewritten in place (external data files replaced) only if it changed."""
+    import onnx
+
+    model = onnx.load(str(d / MODEL_FILE))
+    n = _retie_lm_head(model)
+    if n:
+        old = [f for f in d.iterdir() if f.name.startswith(MODEL_FILE)]
+        for f in old:
+            f.unlink()
+        _save_onnx(model, d / MODEL_FILE)
+    return n
 
 
 def _untie_lm_head(model) -> int:
