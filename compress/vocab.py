@@ -120,13 +120,10 @@ def always_kept(tj: dict, tok_cfg: dict, model_cfg: dict, gen_cfg: dict, chat_te
         keep = {i for t, i in vocab.items() if BYTE_TOKEN.match(t)}
     else:  # byte-level BPE: single symbols are the alphabet every word is spelt in
         keep = {i for t, i in vocab.items() if len(t) == 1}
-    named = set()
-    for cfg in (tok_cfg,):
-        for k in ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token"):
-            v = cfg.get(k)
-            named.add(v.get("content") if isinstance(v, dict) else v)
-        for v in list(cfg.get("additional_special_tokens") or []) + list((cfg.get("extra_special_tokens") or {}).values()):
-            named.add(v.get("content") if isinstance(v, dict) else v)
+    named = [tok_cfg.get(k) for k in ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")]
+    extra = tok_cfg.get("extra_special_tokens") or {}
+    named += list(tok_cfg.get("additional_special_tokens") or []) + list(extra.values() if isinstance(extra, dict) else extra)
+    named = {v.get("content") if isinstance(v, dict) else v for v in named}
     for tok in tj.get("added_tokens", []):
         if not tok.get("special") or tok["content"] in named or (chat_template and tok["content"] in chat_template):
             keep.add(tok["id"])
