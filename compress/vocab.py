@@ -287,6 +287,9 @@ def run(cfg: TrimConfig, quiet: bool = False) -> Path:
     if tj.get("model", {}).get("type") != "BPE":
         raise EdgesmithError(f"{src}/tokenizer.json: model.type {tj.get('model', {}).get('type')!r}: vocabulary trimming "
                              "supports BPE tokenizers (byte-level or SentencePiece-BPE)")
+    if tj["model"].get("continuing_subword_prefix") or tj["model"].get("end_of_word_suffix"):
+        raise EdgesmithError(f"{src}/tokenizer.json: a BPE with subword prefixes/suffixes (merged text is not the two "
+                             "parts joined) cannot be trimmed exactly")
     tok = load_tokenizer(cfg.model)
     tok_cfg, gen_cfg, model_cfg = (_read_json(src / f) for f in ("tokenizer_config.json", "generation_config.json", "config.json"))
 
