@@ -4,9 +4,11 @@
 with every export check). What is proved: the rebuilt SentencePiece tokenizer (tokenizer.json and tokenizer.model)
 gives llama.cpp's ids on the first 200 non-empty WikiText test lines and on special tokens; the converted HF model
 gives llama.cpp's top-5 and greedy text on llama.cpp's ids and its perplexity; the pruned model's F16 GGUF gives
-the HF model's argmax and perplexity; its Q4_K_M loads, says which rows fell back, and keeps the vocabulary. A
-second chain (prune with activation ranking, 16 distillation steps, Q4_K_M) shows the student learns (held-out KL
-falls), loads and completes in llama.cpp, and is benched next to the original."""
+the HF model's argmax and perplexity; its Q4_K_M loads, says which rows fell back, and keeps the vocabulary. The
+vocabulary trimmed to the Alpaca domain is exact in llama.cpp and its Q4_K_M under 40% of the source's. A second
+chain on that trimmed model (prune with activation ranking, 160 distillation steps, ~7 min, Q4_K_M) shows the
+student learns (held-out KL falls), completes the Paris prompt in llama.cpp as the source does, and is benched next
+to the original."""
 from __future__ import annotations
 
 import math
@@ -185,31 +187,36 @@ def test_pruned_export_round_trip(gemma_gguf, gemma_pruned_export, gemma_windows
 # "The capital of France is" is " the capital of the country of France. It is the largest city in France." (no
 # Paris in 16 tokens), so that prompt cannot be asked of a student.
 PARIS_PROMPT = "The capital of France is the city of"
-GEMMA_DISTILL_STEPS = 16  # ~15 s a step on 2 cores: a 262k-token vocabulary in both models' logits and the KL
+# With the vocabulary trimmed to the Alpaca domain a step takes ~2.8 s on 2 cores instead of ~48 s (the full 262k
+# vocabulary in both models' logits and the KL). Measured (studies/gemma3_trimmed_student.py and its scratch runs):
+# 120 steps at lr 5e-5 do not bring Paris back, 160 at 2e-4 do for PARIS_PROMPT, 480 at 1e-4 for the Q/A prompt too.
+GEMMA_DISTILL_STEPS = 160
+GEMMA_DISTILL_LR = "2e-4"
 
 
 @pytest.fixture(scope="session")
-def gemma_student(gemma_hf, shared_data, tmp_path_factory):
-    """Through the CLI on real files: prune MLP 2048 -> 1024 (activation ranking on Alpaca windows that start with
-    BOS), a short distillation from the unpruned HF model (forward KL on the full 262k vocabulary, teacher live,
-    Alpaca instructions one per sequence, each starting with BOS; lr 5e-5: at 2e-4, with or without the embeddings
-    frozen, the held-out KL fell less), then Q4_K_M with every export check."""
+def gemma_student(gemma_trimmed_export, shared_data, tmp_path_factory):
+    """Through the CLI on real files, from the vocabulary-trimmed model (the `gemma_trimmed_export` fixture's): prune
+    MLP 2048 -> 1024 (activation ranking on Alpaca windows that start with BOS), distil from the trimmed unpruned
+    model (forward KL on the trimmed vocabulary, teacher live, Alpaca instructions one per sequence, each starting
+    with BOS), then Q4_K_M with every export check."""
     import json
     import time
 
     from edgesmith.cli import main
 
+    trimmed, _ = gemma_trimmed_export
     root = tmp_path_factory.mktemp("gemma3-student")
     pruned, student, out = root / "pruned", root / "student", root / "export"
     secs = {}
     t = time.perf_counter()
-    assert main(["prune", str(gemma_hf), "--out", str(pruned), "--intermediate-size", "1024", "--eval-windows", "0"]) == 0
+    assert main(["prune", str(trimmed), "--out", str(pruned), "--intermediate-size", "1024", "--eval-windows", "0"]) == 0
     secs["prune"] = time.perf_counter() - t
     t = time.perf_counter()
-    assert main(["distill", "--teacher", str(gemma_hf), "--student", str(pruned), "--out", str(student),
+    assert main(["distill", "--teacher", str(trimmed), "--student", str(pruned), "--out", str(student),
                  "--data", str(shared_data / "instruct" / "alpaca_en_demo.json"), "--no-packing", "--max-length", "160",
-                 "--max-steps", str(GEMMA_DISTILL_STEPS), "--batch-size", "4", "--lr", "5e-5", "--warmup-steps", "2",
-                 "--val-fraction", "0.01", "--eval-batches", "1", "--no-progress"]) == 0
+                 "--max-steps", str(GEMMA_DISTILL_STEPS), "--batch-size", "4", "--lr", GEMMA_DISTILL_LR,
+                 "--warmup-steps", "4", "--val-fraction", "0.01", "--eval-batches", "1", "--no-progress"]) == 0
     secs["distill"] = time.perf_counter() - t
     t = time.perf_counter()
     assert main(["export", str(student), "--out", str(out), "--gguf", "Q4_K_M"]) == 0
@@ -222,23 +229,29 @@ def gemma_student(gemma_hf, shared_data, tmp_path_factory):
 
 
 def test_pruned_distilled_q4_k_m_loads_learns_and_completes(gemma_gguf, gemma_student):
-    """The short distillation lowers the student's held-out KL to the teacher; its Q4_K_M loads in llama.cpp and
-    completes greedily. The source completes PARIS_PROMPT with Paris; the student, after 16 steps, does not (measured:
-    16 steps give ' the 1999, and the 20th of the'; studies/gemma3_270m.py records its completions): printed, not
-    asserted, until a recovery budget that brings the fact back fits a test."""
+    """The distillation lowers the student's held-out KL to the teacher; its Q4_K_M loads in llama.cpp and completes
+    PARIS_PROMPT greedily with Paris, as the source GGUF does."""
     import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from edgesmith import llamacpp
     from edgesmith.native import run_isolated
 
     student, q4 = gemma_student
     res = json.loads((student / "distill.json").read_text())["result"]
-    assert res["steps"] == GEMMA_DISTILL_STEPS and res["best_val_loss"] < 0.8 * res["first_val_loss"], res
+    assert res["steps"] == GEMMA_DISTILL_STEPS and res["best_val_loss"] < 0.7 * res["first_val_loss"], res
     src = run_isolated(llamacpp.complete, str(gemma_gguf), PARIS_PROMPT, 8, threads=2)
     got = run_isolated(llamacpp.complete, str(q4), PARIS_PROMPT, 8, threads=2)
+    tok = AutoTokenizer.from_pretrained(student)
+    with torch.inference_mode():  # how sure the HF student is, printed to see the margin the assertion has
+        lp = AutoModelForCausalLM.from_pretrained(student).eval()(**tok(PARIS_PROMPT, return_tensors="pt")).logits[0, -1]
+    top = lp.log_softmax(-1).topk(3)
+    print(f"source: {src['text']!r}  student after {GEMMA_DISTILL_STEPS} steps: {got['text']!r}  HF top-3: "
+          + ", ".join(f"{tok.decode([int(i)])!r} {float(v.exp()):.2f}" for v, i in zip(top.values, top.indices)))
     assert "Paris" in src["text"], src
-    assert got["text"].strip(), got
-    print(f"source: {src['text']!r}  student after {GEMMA_DISTILL_STEPS} steps: {got['text']!r}")
+    assert "Paris" in got["text"], got
 
 
 def test_bench_original_and_student(gemma_gguf, gemma_student, shared_data, tmp_path):
