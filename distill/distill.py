@@ -31,7 +31,7 @@ from pathlib import Path
 from edgesmith import processes
 from edgesmith.config import to_dict
 from edgesmith.errors import ConfigError, EdgesmithError
-from edgesmith.trainloop import TrainConfig
+from edgesmith.trainconfig import TrainConfig
 
 from .losses import LOSSES, BlockTaps, block_map, kept_layers, make_loss_fn
 from .teacher_data import CorpusSpec
@@ -107,7 +107,7 @@ class DistillConfig:
     corpus: CorpusSpec = field(default_factory=CorpusSpec)
     """data: teacher: what the teacher writes (size in tokens, text/chat mix, top-k kept, sampling); cached and resumable."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4, max_steps=200, warmup_steps=10, batch_size=4))
-    """Optimiser, schedule and bookkeeping (edgesmith.trainloop.TrainConfig)."""
+    """Optimiser, schedule and bookkeeping (edgesmith.trainconfig.TrainConfig)."""
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -280,7 +280,8 @@ def run(cfg: DistillConfig) -> Path:
     from edgesmith.fsutil import ensure_writable_dir, save_files_into, write_json
     from edgesmith.hfdir import read_hf_config
     from edgesmith.data import encode_split
-    from edgesmith.trainloop import result_dict, train
+    from edgesmith.trainconfig import result_dict
+    from edgesmith.trainloop import train
 
     if not cfg.student:
         raise EdgesmithError("distill: no --student given (an HF directory, e.g. the output of edgesmith prune)")
@@ -360,7 +361,7 @@ def run(cfg: DistillConfig) -> Path:
         if hs != ht:
             extra["hidden_proj"] = proj
 
-    from edgesmith.trainloop import apply_masks, sparsity_masks
+    from edgesmith.trainconfig import apply_masks, sparsity_masks
 
     masks = sparsity_masks(student, s_path)  # prune --sparsity: the zero pattern survives recovery
     if masks:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgesmith.errors import EdgesmithError
-from edgesmith.trainloop import IGNORE
+from edgesmith.data import IGNORE
 
 if TYPE_CHECKING:
     from .distill import DistillConfig

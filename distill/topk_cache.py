@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgesmith.trainloop import IGNORE
+from edgesmith.data import IGNORE
 
 from .losses import unwrap
 
@@ -21,7 +21,7 @@ def build_topk_cache(teacher, examples: list[dict], k: int, key: str, pad_id: in
     import torch.nn.functional as F
 
     from edgesmith.fsutil import atomic_dir, cache_dir, write_json
-    from edgesmith.trainloop import collate
+    from edgesmith.trainconfig import collate
 
     dest = cache_dir() / "teacher-topk" / key
     if (dest / "meta.json").is_file():

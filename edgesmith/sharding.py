@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from edgesmith.errors import EdgesmithError
 
 if TYPE_CHECKING:
-    from edgesmith.trainloop import TrainConfig
+    from edgesmith.trainconfig import TrainConfig
 
 
 def shard_or_not(cfg: TrainConfig, acc, model) -> bool:

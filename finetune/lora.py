@@ -14,7 +14,7 @@ from pathlib import Path
 from edgesmith import processes
 from edgesmith.config import to_dict
 from edgesmith.errors import ConfigError, EdgesmithError
-from edgesmith.trainloop import TrainConfig
+from edgesmith.trainconfig import TrainConfig
 
 # method -> how peft builds it; every one of these merges into the weights (prefix tuning does not and
 # is therefore not offered: merge.py refuses such adapters with the reason)
@@ -63,7 +63,7 @@ class FinetuneConfig:
     max_examples: int = 0
     """Use only the first N training records (0: all)."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-4, max_steps=100, warmup_steps=10))
-    """Optimiser, schedule and bookkeeping (edgesmith.trainloop.TrainConfig)."""
+    """Optimiser, schedule and bookkeeping (edgesmith.trainconfig.TrainConfig)."""
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -125,7 +125,7 @@ def load_base(cfg: FinetuneConfig):
 
 def ce_loss(model, batch):
     """Causal-LM cross-entropy summed over label tokens -> (loss_sum, n_tokens)."""
-    from edgesmith.trainloop import causal_lm_loss_sum
+    from edgesmith.trainconfig import causal_lm_loss_sum
 
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, L, V]
     return causal_lm_loss_sum(logits, batch["labels"])
@@ -138,7 +138,8 @@ def run(cfg: FinetuneConfig) -> Path:
     from edgesmith import modelio
     from edgesmith.fsutil import ensure_writable_dir, save_files_into, write_json
     from edgesmith.data import encode_split, load_split_records
-    from edgesmith.trainloop import result_dict, train
+    from edgesmith.trainconfig import result_dict
+    from edgesmith.trainloop import train
 
     if not cfg.data:
         raise EdgesmithError("finetune: no --data given (a prepared split directory or a data file)")
@@ -164,7 +165,7 @@ def run(cfg: FinetuneConfig) -> Path:
     print(f"finetune: {len(train_ex)} train / {len(val_ex)} validation examples; "
           f"truncated to {cfg.max_length} tokens: {train_counts['truncated']} train, {val_counts.get('truncated', 0)} validation")
 
-    from edgesmith.trainloop import sparsity_masks
+    from edgesmith.trainconfig import sparsity_masks
 
     # prune --sparsity: full fine-tuning keeps the zero pattern; adapters get it back when merged (edgesmith merge)
     masks = sparsity_masks(model, base_path) if cfg.method == "full" else None

@@ -67,7 +67,7 @@ def merge_adapter(adapter_dir: Path, out_dir: Path, base: str | None = None, dty
         raise EdgesmithError(f"{adapter_dir}: the adapter does not record its base model; pass BASE explicitly")
     base_path = modelio.resolve(base)
     model = modelio.load_model(base_path, dtype=dtype)
-    from edgesmith.trainloop import apply_masks, sparsity_masks
+    from edgesmith.trainconfig import apply_masks, sparsity_masks
 
     masks = sparsity_masks(model, base_path)  # taken before the adapter touches the weights
     # tokenizer: the adapter's copy when it has one (it may carry a chat template set at training time)

@@ -135,7 +135,7 @@ def main() -> int:
     from edgesmith.fsutil import write_json, write_text
     from edgesmith.facts import facts
     from edgesmith.modelio import resolve
-    from edgesmith.trainloop import parse_duration
+    from edgesmith.trainconfig import parse_duration
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -243,7 +243,7 @@ def document(results: dict, t_score: dict, args, budget: float, ft, fp, torch, p
         "perplexity_setup": {k: t_score["perplexity"][k] for k in ("ctx", "chunks", "tokens_scored")},
         "command": " ".join(["python studies/distill_ablation.py"] + sys.argv[1:]),
         "machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-                    "bf16_autocast_fast": __import__("edgesmith.trainloop", fromlist=["x"]).cpu_has_fast_bf16()},
+                    "bf16_autocast_fast": __import__("edgesmith.machine", fromlist=["x"]).cpu_has_fast_bf16()},
     }
 
 

@@ -51,7 +51,7 @@ def main() -> int:
     from edgesmith.finetune.merge import merge_adapter
     from edgesmith.fsutil import write_json
     from edgesmith.modelio import resolve
-    from edgesmith.trainloop import TrainConfig
+    from edgesmith.trainconfig import TrainConfig
 
     work = Path(args.work)
     data_src = REPO.parent / "shared" / "data" / "instruct" / "alpaca_en_demo.json"

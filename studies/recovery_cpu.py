@@ -68,7 +68,7 @@ def main() -> int:
     from edgesmith.fsutil import write_json
     from edgesmith.facts import facts
     from edgesmith.modelio import resolve
-    from edgesmith.trainloop import TrainConfig
+    from edgesmith.trainconfig import TrainConfig
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -94,7 +94,7 @@ def test_help_keeps_percent_signs():
     import argparse
 
     from edgesmith.config import add_config_args
-    from edgesmith.trainloop import TrainConfig
+    from edgesmith.trainconfig import TrainConfig
 
     p = argparse.ArgumentParser()
     add_config_args(p, TrainConfig)

@@ -93,7 +93,8 @@ def test_chunked_loss_equals_unchunked_with_gradients(tiny_factory):
     from edgesmith.distill.distill import DistillConfig
     from edgesmith.distill.losses import make_loss_fn
     from edgesmith.modelio import load_model
-    from edgesmith.trainloop import IGNORE, collate
+    from edgesmith.data import IGNORE
+    from edgesmith.trainconfig import collate
 
     t_dir, s_dir = _models(tiny_factory)
     teacher, student = load_model(t_dir), load_model(s_dir)
@@ -140,7 +141,7 @@ def test_distill_end_to_end_hidden_projection_and_topk_cache(tiny_factory, tmp_p
     from edgesmith.distill.distill import DistillConfig, run
     from edgesmith.hfdir import check_hf_dir
     from edgesmith.modelio import load_model
-    from edgesmith.trainloop import TrainConfig
+    from edgesmith.trainconfig import TrainConfig
 
     monkeypatch.setenv("EDGESMITH_CACHE", str(tmp_path / "cache"))
     t_dir, s_dir = _models(tiny_factory)
@@ -186,7 +187,7 @@ def test_teacher_corpus_and_lora_student(tiny_factory, tmp_path, monkeypatch):
     assert p.parent == tmp_path / "cache" / "teacher-data"
     assert generate_corpus(str(t_dir), 6, max_new_tokens=6, batch_size=4, progress=False) == p  # cached
 
-    from edgesmith.trainloop import TrainConfig
+    from edgesmith.trainconfig import TrainConfig
 
     out = run(DistillConfig(teacher=str(t_dir), student=str(s_dir), data="teacher:6", teacher_max_new_tokens=6,
                             teacher_batch_size=4, out=str(tmp_path / "d"), lora=True, max_length=32, val_fraction=0.0,
@@ -284,7 +285,7 @@ def test_distill_on_teacher_corpus_without_loading_the_teacher(tiny_factory, tmp
     and records the mix, distinct tokens, epochs and tokens/s."""
     from edgesmith import modelio
     from edgesmith.distill.distill import DistillConfig, run
-    from edgesmith.trainloop import TrainConfig
+    from edgesmith.trainconfig import TrainConfig
 
     monkeypatch.setenv("EDGESMITH_CACHE", str(tmp_path / "cache"))
     t_dir = tiny_factory("teacher", seed=0)
@@ -329,7 +330,7 @@ def test_block_map_and_a_copy_of_the_teacher_has_zero_block_loss(tiny_factory):
     from edgesmith.distill.distill import DistillConfig
     from edgesmith.distill.losses import BlockTaps, block_map, make_loss_fn
     from edgesmith.modelio import load_model
-    from edgesmith.trainloop import collate
+    from edgesmith.trainconfig import collate
 
     # layers 2, 3 dropped: the block from layer 1 stands for the span 1..3 and must write stream 4
     assert block_map([0, 1, 4, 5], 8) == [(0, 1), (1, 4), (4, 5), (5, 8)]
@@ -360,7 +361,7 @@ def test_blockwise_phase_reduces_every_blocks_error(tiny_factory, tmp_path, monk
     from edgesmith.distill.distill import DistillConfig, run
     from edgesmith.distill.losses import block_map
     from edgesmith.modelio import load_model
-    from edgesmith.trainloop import TrainConfig, collate
+    from edgesmith.trainconfig import TrainConfig, collate
 
     monkeypatch.setenv("EDGESMITH_CACHE", str(tmp_path / "cache"))
     t_dir = tiny_factory("teacher", hidden=64, intermediate=128, layers=4, seed=0)
@@ -406,7 +407,7 @@ def test_sparsity_pattern_survives_distillation_and_lora_merge(tiny_factory, tmp
     from edgesmith.finetune.lora import run as finetune
     from edgesmith.finetune.merge import merge_adapter
     from edgesmith.modelio import load_model
-    from edgesmith.trainloop import TrainConfig
+    from edgesmith.trainconfig import TrainConfig
 
     monkeypatch.setenv("EDGESMITH_CACHE", str(tmp_path / "cache"))
     t_dir = tiny_factory("teacher", hidden=64, intermediate=128, layers=2, seed=0)
@@ -484,7 +485,7 @@ def test_memory_estimate_counts_the_sharding(monkeypatch):
     from edgesmith.distill.distill import DistillConfig, check_memory_fits
     from edgesmith.errors import EdgesmithError
     from edgesmith.memory import ModelShape, sharded_memory, training_memory
-    from edgesmith.trainloop import TrainConfig
+    from edgesmith.trainconfig import TrainConfig
 
     s = ModelShape(params=1_000_000_000, layers=16, hidden=2048, intermediate=8192, vocab=49152)
     t = ModelShape(params=1_700_000_000, layers=24, hidden=2048, intermediate=8192, vocab=49152)
@@ -544,7 +545,7 @@ def test_distill_refuses_up_front_when_the_estimate_exceeds_available_memory(tin
 
 def test_teacher_in_bf16(tiny_factory, tmp_path, monkeypatch):
     from edgesmith.distill.distill import DistillConfig, run
-    from edgesmith.trainloop import TrainConfig
+    from edgesmith.trainconfig import TrainConfig
 
     monkeypatch.setenv("EDGESMITH_CACHE", str(tmp_path / "cache"))
     t_dir, s_dir = _models(tiny_factory)

@@ -98,7 +98,7 @@ def test_qlora_trains_and_merges_on_cuda(tiny_llama, tmp_path, shared_data):
     from edgesmith.finetune.lora import FinetuneConfig, run
     from edgesmith.finetune.merge import merge_adapter
     from edgesmith.modelio import load_model
-    from edgesmith.trainloop import TrainConfig
+    from edgesmith.trainconfig import TrainConfig
 
     out = run(FinetuneConfig(model=str(tiny_llama), data=str(shared_data / "instruct" / "identity.json"), out=str(tmp_path / "q"),
                              qlora=True, max_length=64,
@@ -194,7 +194,7 @@ def test_finetune_default_model_lora_then_merge(default_hf, shared_data, tmp_pat
     from edgesmith.finetune.lora import FinetuneConfig, run
     from edgesmith.finetune.merge import merge_adapter
     from edgesmith.modelio import load
-    from edgesmith.trainloop import TrainConfig
+    from edgesmith.trainconfig import TrainConfig
 
     cfg = FinetuneConfig(model="default", data=str(shared_data / "instruct" / "alpaca_en_demo.json"), out=str(tmp_path / "ft"),
                          max_examples=32, max_length=128, val_fraction=0.02,

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from edgesmith.errors import ConfigError, EdgesmithError
-from edgesmith.trainloop import TrainConfig
+from edgesmith.trainconfig import TrainConfig
 from multiproc import launch, two_processes
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ import pytest
 
 from edgesmith.errors import ConfigError
 from edgesmith.data import IGNORE, pack
-from edgesmith.trainloop import TrainConfig, collate, epoch_order, global_batch_indices, lr_at, parse_duration
+from edgesmith.trainconfig import TrainConfig, collate, epoch_order, global_batch_indices, lr_at, parse_duration
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,7 +84,7 @@ def _examples(n=12, seed=0):
 
 
 def _ce(model, batch):
-    from edgesmith.trainloop import causal_lm_loss_sum
+    from edgesmith.trainconfig import causal_lm_loss_sum
 
     return causal_lm_loss_sum(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
 
@@ -156,7 +156,8 @@ def test_time_budget_early_stopping_and_best_checkpoint(tiny_llama, tmp_path):
     # a rate that learns: the best is a later evaluation, and its weights (not the last ones) come back
     model, res = _run(tiny_llama, tmp_path / "ok", _cfg(lr=3e-3, max_steps=6, eval_every=1, keep_best=True))
     assert res.best_val_loss < res.first_val_loss
-    from edgesmith.trainloop import IGNORE, collate
+    from edgesmith.data import IGNORE
+    from edgesmith.trainconfig import collate
 
     with torch.no_grad():
         b = collate(_examples(4, seed=1), pad_id=2)
