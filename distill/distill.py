@@ -260,13 +260,15 @@ def check_memory_fits(cfg: DistillConfig, t_path: Path, s_path: Path, need_teach
     shards = processes if cfg.train.sharding == "fsdp" and processes > 1 else 1
     parts = training_memory(student, trainable, cfg.train.batch_size, cfg.max_length, cfg.chunk_size,
                             cfg.train.grad_checkpointing, teacher, 2 if cfg.teacher_dtype == "bfloat16" else 4,
-                            teacher_logits=cfg.data != "teacher" and not cfg.cache_teacher_topk, shards=shards)
+                            teacher_logits=cfg.data != "teacher" and not cfg.cache_teacher_topk, shards=shards,
+                            optimizer=cfg.train.optimizer)
     if shards > 1:
         parts = sharded_memory(parts, student, trainable, checkpoints=cfg.train.save_every > 0,
                                teacher_loaded=teacher.params * (2 if cfg.teacher_dtype == "bfloat16" else 4) if teacher else 0)
     hints = [h for h, on in (("train.grad_checkpointing=true", not cfg.train.grad_checkpointing),
                              ("teacher_dtype=bfloat16", need_teacher and cfg.teacher_dtype != "bfloat16"),
                              ("lora=true", not cfg.lora),
+                             ("train.optimizer=adamw8bit", cfg.train.optimizer == "adamw" and shards == 1),
                              ("train.sharding=fsdp", processes > 1 and shards == 1)) if on]
     hints += [f"a smaller train.batch_size ({cfg.train.batch_size}) or max_length ({cfg.max_length})"]
     return check_memory("distill", parts, "try " + ", ".join(hints), processes, available, shards)

@@ -10,6 +10,7 @@ from .errors import EdgesmithError
 from .machine import mem_available
 
 GIB = 2**30
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2}  # per trainable parameter (train.optimizer)
 RUNTIME_BYTES = GIB  # python, torch, transformers, tokenizers, data: measured ~0.8-1 GiB before any model is loaded
 
 
@@ -46,13 +47,15 @@ class ModelShape:
 
 def training_memory(student: ModelShape, trainable: int, batch: int, seq_len: int, chunk: int,
                     grad_checkpointing: bool = False, teacher: ModelShape | None = None, teacher_bytes: int = 4,
-                    teacher_logits: bool = True, shards: int = 1) -> dict[str, int]:
+                    teacher_logits: bool = True, shards: int = 1, optimizer: str = "adamw") -> dict[str, int]:
     """Peak bytes of one training process, by part (an upper bound for batches padded to seq_len):
 
     student weights   params x 4 (fp32 master weights; bf16 autocast casts per op)
     gradients         trainable x 4
-    AdamW states      trainable x 8 (exp_avg, exp_avg_sq)
-    optimizer step    trainable x 4 (the foreach AdamW step's full-size temporaries)
+    AdamW states      trainable x 8 (exp_avg, exp_avg_sq); adamw8bit: x 2 (8-bit moments; block scales ~1%)
+    optimizer step    trainable x 4 (the foreach AdamW step's full-size temporaries; adamw8bit's CPU step too: its
+                      measured peak saves 1.9 of the 2.5 GiB its moments save on a 0.45B model,
+                      studies/results/optimizer-8bit.json)
                       sharded (sharding: fsdp over `shards` processes): these four / shards, plus
     gathered layers   the units FSDP holds whole while they run: the root (embeddings, head, final norm) through the
                       step, the running decoder layer and the next one (prefetched), with their gradients until the
@@ -76,7 +79,8 @@ def training_memory(student: ModelShape, trainable: int, batch: int, seq_len: in
         act = student.layers * per_layer
     act += 4 * chunk * student.vocab * 4
     parts = {"student weights": -(-student.params * 4 // shards), "gradients": -(-trainable * 4 // shards),
-             "AdamW states": -(-trainable * 8 // shards), "optimizer step": -(-trainable * 4 // shards)}
+             "AdamW states": -(-trainable * OPTIMIZER_STATE_BYTES[optimizer] // shards),
+             "optimizer step": -(-trainable * 4 // shards)}
     if shards > 1:
         outer, layer = student.outer_params(), student.layer_params()
         parts["gathered layers"] = 4 * (outer + 2 * layer) + 4 * min(trainable, outer + layer)

@@ -124,7 +124,7 @@ def optimizer_state(opt, keep: bool = True) -> dict:
         for k, v in s.items():
             t = gathered(v)
             if keep:
-                state.setdefault(i, {})[k] = t.cpu()
+                state.setdefault(i, {})[k] = t.cpu() if hasattr(t, "cpu") else t  # bitsandbytes keeps `step` as an int
     return {**sd, "state": state}
 
 

