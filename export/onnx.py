@@ -1,6 +1,7 @@
 """ONNX export: an HF Llama-family model -> a decoder with KV cache (optimum-onnx,
 `text-generation-with-past`) that `optimum.onnxruntime.ORTModelForCausalLM` loads, plus optional
-weight quantisation with onnxruntime (int8: dynamic quantisation; int4: `MatMulNBits`).
+weight-only quantisation with onnxruntime (int8 / int4: `MatMulNBits` blocks; a tied embedding gathers its rows
+from the lm_head's blocks, an untied one gets its own table).
 
 Also `OnnxLM`, a small text generator over such a directory that needs only onnxruntime, numpy,
 `tokenizers` (and jinja2 for chat templates): what `edgesmith chat` and the device benchmarks use
@@ -189,7 +190,13 @@ def _quantize(src: Path, dest: Path, quant: str) -> dict:
         widths = [cfg.get("hidden_size", 0), cfg.get("intermediate_size", 0)]
         block = next((b for b in INT8_BLOCKS if all(w % b == 0 for w in widths)), INT8_BLOCKS[-1])
         model = _nbits(model, bits=8, block=block, ops=("MatMul",))
-        # embedding Gather: quantize_dynamic stores the table in int8 and dequantises the gathered rows
+        shared = _gather_from_lm_head(model, bits=8, block=block)
+        if shared:  # a tied table: the embedding reads lm_head's 8-bit blocks (one table in the file, not two)
+            _save_onnx(model, dest / MODEL_FILE)
+            return {"untied_lm_head": untied, "shared_embedding": shared,
+                    "method": f"MatMulNBits 8-bit weight-only, block {block} (MatMul); GatherBlockQuantized on the "
+                              "lm_head's blocks (tied embedding)"}
+        # untied embedding Gather: quantize_dynamic stores the table in int8 and dequantises the gathered rows
         # (weights only: nothing else to quantise there). It wants files, so go through a temp dir.
         with tempfile.TemporaryDirectory(dir=dest) as tmp:
             tmp_model = Path(tmp) / MODEL_FILE
@@ -198,14 +205,59 @@ def _quantize(src: Path, dest: Path, quant: str) -> dict:
             quantize_dynamic(str(tmp_model), str(dest / MODEL_FILE), weight_type=QuantType.QInt8, per_channel=False,
                              op_types_to_quantize=["Gather"],
                              use_external_data_format=tmp_model.stat().st_size > 2**31 - 2**27)
-        return {"untied_lm_head": untied,
+        return {"untied_lm_head": untied, "shared_embedding": 0,
                 "method": f"MatMulNBits 8-bit weight-only, block {block} (MatMul); quantize_dynamic QInt8 (embedding Gather)"}
     if quant == "int4":
-        model = _nbits(model, bits=4, block=INT4_BLOCK, ops=("MatMul", "Gather"))
+        model = _nbits(model, bits=4, block=INT4_BLOCK, ops=("MatMul",))
+        shared = _gather_from_lm_head(model, bits=4, block=INT4_BLOCK)
+        if not shared:  # an untied embedding gets its own 4-bit table
+            model = _nbits(model, bits=4, block=INT4_BLOCK, ops=("Gather",))
         _save_onnx(model, dest / MODEL_FILE)
-        return {"untied_lm_head": untied,
-                "method": f"MatMulNBits 4-bit symmetric, block {INT4_BLOCK} (MatMul); GatherBlockQuantized 4-bit (embedding)"}
+        return {"untied_lm_head": untied, "shared_embedding": shared,
+                "method": f"MatMulNBits 4-bit symmetric, block {INT4_BLOCK} (MatMul); GatherBlockQuantized 4-bit "
+                          + ("on the lm_head's blocks (tied embedding)" if shared else "(embedding)")}
     raise EdgesmithError(f"onnx quant {quant!r}: expected one of int8, int4")
+
+
+def _gather_from_lm_head(model, bits: int, block: int) -> int:
+    """A tied embedding quantised once: where the embedding Gather reads the fp32 table E [V, D] whose transpose
+    _untie_lm_head handed to the lm_head (now MatMulNBits, symmetric: B [V, D/block, block*bits/8] uint8 + scales
+    [V * D/block]), gather the rows from the lm_head's blocks instead, GatherBlockQuantized(Reshape(B) [V, D*bits/8],
+    ids, Reshape(scales) [V, D/block]) -- same uint8 convention (zero point 2^(bits-1) when none is stored) -- and drop
+    E. Without it the file holds the table twice (Gemma 3 270M: 262k x 640, 63% of the parameters). Returns how
+    many Gathers now share."""
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    heads = {n.input[1]: n for n in g.node if n.op_type == "MatMulNBits"}
+    done = 0
+    for n in list(g.node):
+        if n.op_type != "Gather" or n.input[0] not in inits:
+            continue
+        table = inits[n.input[0]]
+        head = heads.get(f"{table.name}_untied_T_Q{bits}")
+        if head is None or len(table.dims) != 2 or (len(head.input) > 3 and head.input[3]):
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
+        vocab, width = table.dims
+        if (attrs.get("N"), attrs.get("K"), attrs.get("block_size"), attrs.get("bits")) != (vocab, width, block, bits) \
+                or width % block or any(a.name == "axis" and a.i != 0 for a in n.attribute):
+            continue
+        shape = f"{table.name}_shared_rows"
+        g.initializer.append(numpy_helper.from_array(np.array([vocab, -1], dtype=np.int64), shape))
+        q, sc = f"{table.name}_shared_q{bits}", f"{table.name}_shared_scales"
+        at = list(g.node).index(n)
+        g.node.insert(at, helper.make_node("Reshape", [head.input[1], shape], [q], name=q))
+        g.node.insert(at + 1, helper.make_node("Reshape", [head.input[2], shape], [sc], name=sc))
+        g.node.insert(at + 2, helper.make_node("GatherBlockQuantized", [q, n.input[1], sc], [n.output[0]],
+                                               name=f"{n.name or table.name}_shared", domain="com.microsoft",
+                                               gather_axis=0, quantize_axis=1, block_size=block, bits=bits))
+        g.node.remove(n)
+        if not any(table.name in m.input for m in g.node):
+            g.initializer.remove(table)
+        done += 1
+    return done
 
 
 def _nbits(model, bits: int, block: int, ops: tuple[str, ...]):

@@ -102,6 +102,38 @@ def test_int4_matmulnbits(exported, tiny):
     assert e["checks"]["top1_agreement_vs_fp32"] >= 0.9
 
 
+def _embedding_source(d: Path) -> tuple[str, set]:
+    """(what the embedding lookup reads, the initializers bigger than one 64 x 64 matrix) of d/model.onnx."""
+    import onnx
+
+    g = onnx.load(str(d / "model.onnx")).graph
+    made_by = {o: n for n in g.node for o in n.output}
+    look = next(n for n in g.node if n.op_type in ("Gather", "GatherBlockQuantized") and "input_ids" in n.input)
+    src = made_by.get(look.input[0])
+    return (f"{look.op_type}<-{src.op_type}({src.input[0]})" if src else f"{look.op_type}<-{look.input[0]}",
+            {i.name for i in g.initializer if np.prod(i.dims) > 64 * 64})
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_tied_embedding_table_is_stored_once(exported, tiny, tokenizer_dir, tmp_path, quant):
+    """Tied: the embedding lookup gathers the lm_head's quantised blocks (GatherBlockQuantized on a Reshape of the
+    MatMulNBits weight), so the vocabulary table is in the file once; the export still agrees with fp32. Untied:
+    the embedding keeps its own quantised table."""
+    tied = export_onnx(tiny, exported["out"] / f"onnx-{quant}-shared", quant)
+    src, big = _embedding_source(Path(tied["path"]))
+    assert tied["checks"]["shared_embedding"] == 1 and src == f"GatherBlockQuantized<-Reshape(model.embed_tokens.weight_untied_T_Q{quant[-1]})"
+    q = f"model.embed_tokens.weight_untied_T_Q{quant[-1]}"
+    assert q in big and {n for n in big if "embed_tokens" in n} <= {q, "model.embed_tokens.weight_untied_T_scales"}, big
+    assert tied["checks"]["top1_agreement_vs_fp32"] >= 0.9
+    untied_dir = make_tiny_llama(tmp_path / "untied", tokenizer_dir, tie=False)
+    untied = export_onnx(untied_dir, tmp_path / f"onnx-{quant}", quant)
+    src, big = _embedding_source(Path(untied["path"]))
+    assert untied["checks"]["shared_embedding"] == 0 and "untied_T" not in src and "embed_tokens" in src
+    # a random untied head has near-flat logits: 4 bits on both tables flip more argmaxes (measured 0.77)
+    assert untied["checks"]["top1_agreement_vs_fp32"] >= (0.9 if quant == "int8" else 0.6)
+    assert tied["checks"]["model_bytes"] < 0.75 * untied["checks"]["model_bytes"]  # the 49152 x 64 table once, not twice
+
+
 def test_quant_refuses_a_foreign_fp32_dir(exported, tiny, tmp_path):
     with pytest.raises(EdgesmithError, match="not an fp32 ONNX export"):
         export_onnx(tiny, tmp_path / "onnx-int8", "int8", fp32_dir=Path(exported["int8"]["path"]))
