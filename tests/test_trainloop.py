@@ -176,6 +176,10 @@ def test_adamw8bit_learns_like_adamw_with_8bit_moments(tiny_llama, tmp_path):
     s = ModelShape(params=10**9, layers=16, hidden=2048, intermediate=8192, vocab=32000)
     a, q = (training_memory(s, s.params, 1, 128, 128, optimizer=o)["AdamW states"] for o in ("adamw", "adamw8bit"))
     assert (a, q) == (8 * 10**9, 2 * 10**9)
+    from edgesmith.memory import OPTIMIZER_STATE_BYTES
+    from edgesmith.trainconfig import OPTIMIZERS
+
+    assert set(OPTIMIZERS) == set(OPTIMIZER_STATE_BYTES)  # every choice has its estimate
     with pytest.raises(ConfigError, match="optimizer.*fsdp"):
         TrainConfig(optimizer="adamw8bit", sharding="fsdp")
     with pytest.raises(ConfigError, match="optimizer"):
