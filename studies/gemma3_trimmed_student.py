@@ -5,11 +5,11 @@ from the trimmed, unpruned model -> Q4_K_M -> greedy completions next to the sou
     .venv/bin/python studies/gemma3_trimmed_student.py [--work out/gemma3-trimmed-student] [--steps 480] [--lr 1e-4]
 
 Why: with the full 262,144-token vocabulary a distillation step of the pruned 270M took 48 s on 2 cores in
-studies/gemma3_270m.py's run (CPU shared with CI; both
-models' logits and the KL over every token), so 48 steps (studies/gemma3_270m.py) were all a test could afford, and the
-student lost the facts. Trimmed to the 19.6k tokens the Alpaca demo set needs (tokenisation exact on that domain,
-compress/vocab.py), teacher and student share the smaller vocabulary and a step takes ~2.8 s. Every stage is the
-CLI's; a stage whose output is complete in --work is reused (so the script resumes).
+studies/gemma3_270m.py's run (CPU shared with CI; both models' logits and the KL over every token), so that study
+afforded 48 steps, and the student lost the facts. Trimmed to the 19.6k tokens the Alpaca demo set needs
+(tokenisation exact on that domain, compress/vocab.py), teacher and student share the smaller vocabulary and a step
+takes ~2.8 s. tests/test_gemma3_real.py runs a 160-step form of this chain (lr 2e-4) and asserts the Paris
+completion. Every stage is the CLI's; a stage whose output is complete in --work is reused (so the script resumes).
 """
 from __future__ import annotations
 
