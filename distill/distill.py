@@ -268,7 +268,8 @@ def check_memory_fits(cfg: DistillConfig, t_path: Path, s_path: Path, need_teach
     hints = [h for h, on in (("train.grad_checkpointing=true", not cfg.train.grad_checkpointing),
                              ("teacher_dtype=bfloat16", need_teacher and cfg.teacher_dtype != "bfloat16"),
                              ("lora=true", not cfg.lora),
-                             ("train.optimizer=adamw8bit", cfg.train.optimizer == "adamw" and shards == 1),
+                             # LoRA trains few weights: their moments are small either way
+                             ("train.optimizer=adamw8bit", cfg.train.optimizer == "adamw" and not cfg.lora and shards == 1),
                              ("train.sharding=fsdp", processes > 1 and shards == 1)) if on]
     hints += [f"a smaller train.batch_size ({cfg.train.batch_size}) or max_length ({cfg.max_length})"]
     return check_memory("distill", parts, "try " + ", ".join(hints), processes, available, shards)
