@@ -93,7 +93,7 @@ endif
 
 # our GGUF perplexity / pp512 / tg128 vs llama.cpp's own llama-perplexity / llama-bench (built from the sdist)
 bench-llamacpp: setup
-	$(PY) studies/compare_llamacpp.py --threads 1,2 --max-chunks 10 --repeat 3 --rounds 5
+	$(PY) studies/compare_llamacpp.py --threads 1,2 --max-chunks 10 --repeat 3 --rounds 10
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

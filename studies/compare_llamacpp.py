@@ -150,6 +150,31 @@ def loadavg() -> float:
     return round(os.getloadavg()[0], 2)
 
 
+def median_ci(xs: list[float], level: float = 0.95) -> dict:
+    """Distribution-free confidence interval of the median of xs - 1: the k-th smallest and k-th largest ratio, k the
+    largest with P(Binomial(n, 1/2) < k) <= (1 - level) / 2 on each side; -> {"lo", "hi", "level"} (the coverage
+    actually reached, which with few rounds can only be 1 - 2 / 2^n)."""
+    from math import comb
+
+    n, ys = len(xs), sorted(xs)
+    tail = lambda k: sum(comb(n, i) for i in range(k)) / 2 ** n  # P(fewer than k of n below the median)
+    k = max([1] + [k for k in range(1, n // 2 + 1) if tail(k) <= (1 - level) / 2])
+    return {"lo": round(ys[k - 1] - 1, 4), "hi": round(ys[n - k] - 1, 4), "level": round(1 - 2 * tail(k), 4)}
+
+
+def cpu_times() -> list[int]:
+    """/proc/stat's aggregate cpu line: user nice system idle iowait irq softirq steal ... (jiffies)."""
+    with open("/proc/stat") as f:
+        return [int(x) for x in f.readline().split()[1:]]
+
+
+def steal_pct(before: list[int], after: list[int]) -> float:
+    """Share of CPU time the hypervisor gave to other guests between two cpu_times() (the noisy-neighbour signal
+    that load average cannot show: a round with high steal ran on a slower machine than its neighbours)."""
+    d = [b - a for a, b in zip(before, after)]
+    return round(100 * d[7] / max(1, sum(d[:8])), 2) if len(d) > 7 else 0.0
+
+
 def main(argv=None) -> int:
     import statistics
 
@@ -187,7 +212,7 @@ def main(argv=None) -> int:
     for t in threads:
         rounds = []
         for i in range(a.rounds):
-            load0 = loadavg()
+            load0, cpu0 = loadavg(), cpu_times()
             order = ("theirs", "ours") if i % 2 == 0 else ("ours", "theirs")
             rnd = {"order": list(order)}
             for who in order:
@@ -196,9 +221,10 @@ def main(argv=None) -> int:
                 else:
                     rnd["edgesmith"] = run_isolated(ours_speed, str(gguf), str(text), t, a.repeat, what="bench harness")
             rnd["loadavg_1m"] = [load0, loadavg()]
+            rnd["steal_pct"] = steal_pct(cpu0, cpu_times())
             print(f"{t} thread(s), round {i + 1}: llama-bench tg128 {rnd['llama_bench']['tg128']['tok_s']:.2f} pp512 "
                   f"{rnd['llama_bench']['pp512']['tok_s']:.2f} | edgesmith tg128 {rnd['edgesmith']['tg128']:.2f} pp512 "
-                  f"{rnd['edgesmith']['pp512']:.2f} | load {rnd['loadavg_1m']}", flush=True)
+                  f"{rnd['edgesmith']['pp512']:.2f} | load {rnd['loadavg_1m']} | steal {rnd['steal_pct']}%", flush=True)
             rounds.append(rnd)
         theirs_tg = med(r["llama_bench"]["tg128"]["tok_s"] for r in rounds)
         theirs_pp = med(r["llama_bench"]["pp512"]["tok_s"] for r in rounds)
@@ -210,6 +236,7 @@ def main(argv=None) -> int:
         tg_ratio = [r["edgesmith"]["tg128"] / r["llama_bench"]["tg128"]["tok_s"] for r in rounds]
         pp_ratio = [r["edgesmith"]["pp512"] / r["llama_bench"]["pp512"]["tok_s"] for r in rounds]
         tg_rel, pp_rel = med(tg_ratio) - 1, med(pp_ratio) - 1
+        tg_ci, pp_ci = median_ci(tg_ratio), median_ci(pp_ratio)
         by_threads[str(t)] = {
             "rounds_detail": rounds, "llama_bench_median": {"pp512": theirs_pp, "tg128": theirs_tg},
             "edgesmith_median": {"pp512": mine_pp, "tg128": mine_tg},
@@ -220,6 +247,9 @@ def main(argv=None) -> int:
             "medians_rel_diff": {"tg128": (mine_tg - theirs_tg) / theirs_tg, "pp512": (mine_pp - theirs_pp) / theirs_pp},
             "decode_rel_diff": tg_rel, "decode_ok": abs(tg_rel) <= 0.05, "prefill_rel_diff": pp_rel, "prefill_ok": abs(pp_rel) <= 0.05,
             "bench_commit": rounds[0]["llama_bench"]["build_commit"],
+            "steal_pct_max": max(r["steal_pct"] for r in rounds),
+            # distribution-free interval of the median ratio - 1 (order statistics, >= 95% where rounds allow)
+            "decode_rel_diff_ci": tg_ci, "prefill_rel_diff_ci": pp_ci,
         }
     build = theirs_ppl["build"]
     doc = {
