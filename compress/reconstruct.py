@@ -7,7 +7,7 @@ in closed form so the layer's output on calibration text stays as close as possi
 
 with x the full down_proj input (act(gate)·up), x_k its kept channels and G = Σ x xᵀ their Gram matrix, gathered on
 the unpruned model in the calibration pass. λ is `ridge` times the mean diagonal of G[k, k] (scale-free).
-Measured on the demo's student (SmolLM2-135M, MLP 1536 -> 1024, 30 -> 26 layers; studies/results/distill-ablation.md):
+Measured on the earlier demo student (SmolLM2-135M, MLP 1536 -> 1024, 30 -> 26 layers; studies/results/distill-ablation.md):
 the mean relative output error of down_proj drops 0.110 -> 0.035 and WikiText ppl right after pruning 281 -> 238, but
 after the same 6-minute distillation the refit start ends worse (93.3 vs 78.8): off by default.
 """

@@ -1,7 +1,7 @@
 """What one distillation step of the demo student costs on this CPU: fp32, bf16 autocast, and each with torch.compile
 (issue: more learning per CPU-minute).
 
-The step is the demo's: the pruned SmolLM2 student (MLP 1536 -> 1024, 30 -> 26 layers), 8 sequences of 200 tokens,
+The step is the earlier demo's: the pruned SmolLM2 student (MLP 1536 -> 1024, 30 -> 26 layers), 8 sequences of 200 tokens,
 forward, the loss over the full vocabulary's log-softmax (the demo's KL on cached top-64 targets costs the same
 log-softmax), backward, gradient clipping and AdamW, as `edgesmith.trainloop` runs them (accelerate's autocast on
 CPU). Each variant runs in its own process (a compiled graph or a thread pool never leaks into the next), warms up

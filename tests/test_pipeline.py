@@ -206,7 +206,8 @@ def test_reduced_demo_on_the_default_model_every_artifact_loads_and_generates(tm
     mf = (out / "export" / "Modelfile.Q4_K_M").read_text()
     assert mf.startswith("FROM ./smollm2-edge-cpu-Q4_K_M.gguf") or "\nFROM ./smollm2-edge-cpu-Q4_K_M.gguf" in mf
     student = json.loads((out / "distill" / "config.json").read_text())
-    assert student["intermediate_size"] == 1024 and student["num_hidden_layers"] == 26
+    shape = P.load_recipe(REPO / "recipes" / "smollm2-edge-cpu.yaml").stages["prune"]
+    assert (student["intermediate_size"], student["num_hidden_layers"]) == (shape["intermediate_size"], shape["num_layers"])
     for art in (out / "distill", out / "export" / "smollm2-edge-cpu-Q4_K_M.gguf", out / "export" / "onnx"):
         g = subprocess.run([sys.executable, "-m", "edgesmith", "chat", str(art), "--prompt", "Name a colour.",
                             "--max-new-tokens", "8"], capture_output=True, text=True, timeout=600)
